@@ -1,0 +1,29 @@
+"""Command line: parse --config/--workdir and dispatch on config.mode.
+
+  python -m semsafe_jax.main --config=configs/default.py --workdir=runs/demo
+"""
+
+import importlib
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where outputs, caches and checkpoints go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+# mode -> module in semsafe_jax.jobs exposing run(config, workdir).
+_MODES = {"train": "train", "generate": "generate", "mine": "mine", "export": "export"}
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  if config.mode not in _MODES:
+    raise app.UsageError(f"Unknown config.mode={config.mode!r}; choose one of {sorted(_MODES)}.")
+  job = importlib.import_module(f"semsafe_jax.jobs.{_MODES[config.mode]}")
+  job.run(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,306 @@
+"""Decoder-only transformer (Llama, Mistral, Qwen2/3, Gemma 3) in Flax NNX.
+
+The NNX module only owns parameters. The forward pass is a pure function of a
+plain params dict, so adapters can transform that dict (`nnx.split` -> pure
+loss -> `nnx.merge`) and layers run under one `jax.lax.scan` (compile time and
+memory independent of depth). Layer params are stacked on a leading axis.
+
+Shape suffixes: B batch, T new tokens, S key slots (T, or the cache length),
+D model width, F MLP width, N query heads, K kv heads, G = N // K, H head dim,
+V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from semsafe_jax.models.config import ModelConfig
+
+Params = dict[str, Any]
+_NEG_INF = -1e30  # finite, so fully masked (padding) rows stay NaN-free
+
+
+class ModelOutput(NamedTuple):
+  logits: jax.Array | None  # [B, T, V] (None when compute_logits=False)
+  hidden: jax.Array  # [B, T, D] after the final norm
+  hidden_states: jax.Array | None  # [L+1, B, T, D], transformers' convention
+  cache: dict[str, jax.Array] | None  # {"k","v": [L, B, S, K, H]}
+
+
+# ----------------------------------------------------------------------------
+# Parameters: one table of shapes and logical axes. Sharding rules map logical
+# axes to mesh axes (semsafe_jax/train/sharding.py), so FSDP or tensor
+# parallelism is a rule change, not a model change.
+
+
+def param_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+  """Flat 'a/b/c' path -> (shape, logical axes) for every parameter."""
+  L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+  NH, KH = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  s = {"embed/embedding": ((V, D), ("vocab", "embed")),
+       "final_norm/scale": ((D,), ("norm",))}
+  lin = {"attn/q_proj": (D, NH, "embed", "q_heads"), "attn/k_proj": (D, KH, "embed", "kv_heads"),
+         "attn/v_proj": (D, KH, "embed", "kv_heads"), "attn/o_proj": (NH, D, "q_heads", "embed"),
+         "mlp/gate_proj": (D, F, "embed", "mlp"), "mlp/up_proj": (D, F, "embed", "mlp"),
+         "mlp/down_proj": (F, D, "mlp", "embed")}
+  for name, (i, o, ai, ao) in lin.items():
+    s[f"layers/{name}/kernel"] = ((L, i, o), ("layers", ai, ao))
+    has_bias = (cfg.qkv_bias if name[5] in "qkv" and name.startswith("attn") else
+                cfg.o_bias if name == "attn/o_proj" else cfg.mlp_bias)
+    if has_bias:
+      s[f"layers/{name}/bias"] = ((L, o), ("layers", ao))
+  norms = ["pre_attn_norm", "pre_mlp_norm"]
+  if cfg.sandwich_norm:
+    norms += ["post_attn_norm", "post_mlp_norm"]
+  for n in norms:
+    s[f"layers/{n}/scale"] = ((L, D), ("layers", "norm"))
+  if cfg.qk_norm:
+    s["layers/attn/q_norm/scale"] = ((L, cfg.head_dim), ("layers", "norm"))
+    s["layers/attn/k_norm/scale"] = ((L, cfg.head_dim), ("layers", "norm"))
+  if not cfg.tie_word_embeddings:
+    s["lm_head/kernel"] = ((D, V), ("embed", "vocab"))
+  return s
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> Params:
+  """Random params (tiny test models); real weights come from loading.py."""
+  out: Params = {}
+  specs = param_specs(cfg)
+  keys = jax.random.split(key, len(specs))
+  for k, (path, (shape, _)) in zip(keys, sorted(specs.items())):
+    if path.endswith("scale"):
+      v = jnp.zeros(shape) if cfg.norm_offset else jnp.ones(shape)
+    elif path.endswith("bias"):
+      v = std * jax.random.normal(k, shape)
+    else:
+      v = std * jax.random.normal(k, shape)
+    _set(out, path, v.astype(cfg.param_dtype))
+  return out
+
+
+def _set(tree: Params, path: str, value) -> None:
+  *parents, leaf = path.split("/")
+  for p in parents:
+    tree = tree.setdefault(p, {})
+  tree[leaf] = value
+
+
+class _Params(nnx.Module):
+  """A nested container of nnx.Param leaves that carry logical axes."""
+
+  def __init__(self, tree: Params, axes: Params):
+    for name, sub in tree.items():
+      if isinstance(sub, dict):
+        setattr(self, name, _Params(sub, axes[name]))
+      else:
+        setattr(self, name, nnx.Param(sub, logical_axes=axes[name]))
+
+
+class Transformer(nnx.Module):
+  """The model: params as NNX state, forward as the pure `forward` below."""
+
+  def __init__(self, cfg: ModelConfig, params: Params | None = None, *, rngs: nnx.Rngs | None = None):
+    self.cfg = cfg
+    if params is None:
+      params = init_params(cfg, (rngs or nnx.Rngs(0)).params())
+    axes: Params = {}
+    for path, (_, ax) in param_specs(cfg).items():
+      _set(axes, path, ax)
+    self.params = _Params(params, axes)
+
+  def param_dict(self) -> Params:
+    return nnx.to_pure_dict(nnx.state(self.params, nnx.Param))
+
+  def embed(self, input_ids_BxT: jax.Array) -> jax.Array:
+    return embed(self.param_dict(), self.cfg, input_ids_BxT)
+
+  def lm_head(self, hidden_BxTxD: jax.Array) -> jax.Array:
+    return lm_head(self.param_dict(), self.cfg, hidden_BxTxD)
+
+  def __call__(self, input_ids_BxT=None, **kw) -> ModelOutput:
+    return forward(self.param_dict(), self.cfg, input_ids_BxT, **kw)
+
+
+# ----------------------------------------------------------------------------
+# Pure functions.
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, offset: float) -> jax.Array:
+  # float32 statistics whatever the compute dtype, as transformers does.
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  if offset:  # Gemma scales in float32 before casting back
+    return (x32 * (offset + scale.astype(jnp.float32))).astype(x.dtype)
+  return scale.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig, theta: float, scaling: dict | None) -> np.ndarray:
+  inv = 1.0 / theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim)
+  if not scaling:
+    return inv.astype(np.float32)
+  if scaling["rope_type"] == "linear":
+    return (inv / scaling["factor"]).astype(np.float32)
+  # llama3: long wavelengths slowed by `factor`, short kept, smooth in between.
+  f, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+  old = scaling["original_max_position_embeddings"]
+  wavelen = 2 * np.pi / inv
+  out = np.where(wavelen > old / lo, inv / f, inv)
+  smooth = (old / wavelen - lo) / (hi - lo)
+  smoothed = (1 - smooth) * out / f + smooth * out
+  medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+  return np.where(medium, smoothed, out).astype(np.float32)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  freqs_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq
+  cos = jnp.cos(freqs_BxTxH2)[:, :, None, :].astype(x_BxTxNxH.dtype)
+  sin = jnp.sin(freqs_BxTxH2)[:, :, None, :].astype(x_BxTxNxH.dtype)
+  x1, x2 = jnp.split(x_BxTxNxH, 2, axis=-1)  # "rotate half" layout, as in transformers
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _linear(p: Params, x: jax.Array) -> jax.Array:
+  y = x @ p["kernel"].astype(x.dtype)
+  return y + p["bias"].astype(x.dtype) if "bias" in p else y
+
+
+def _act(cfg: ModelConfig, x: jax.Array) -> jax.Array:
+  return jax.nn.silu(x) if cfg.act == "silu" else jax.nn.gelu(x, approximate=True)
+
+
+def _block(cfg: ModelConfig, p: Params, x_BxTxD, k_BxSxKxH, v_BxSxKxH, allowed_BxTxS,
+           positions_BxT, inv_freq_local, inv_freq_global, is_sliding, cache_index):
+  """One decoder layer. Returns (new x, full k, full v) so callers can cache."""
+  B, T, _ = x_BxTxD.shape
+  K, H, G = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
+  norm = lambda name, x: rms_norm(x, p[name]["scale"], cfg.rms_eps, cfg.norm_offset)
+  a = p["attn"]
+
+  h = norm("pre_attn_norm", x_BxTxD)
+  q = _linear(a["q_proj"], h).reshape(B, T, K * G, H)
+  k = _linear(a["k_proj"], h).reshape(B, T, K, H)
+  v = _linear(a["v_proj"], h).reshape(B, T, K, H)
+  if cfg.qk_norm:
+    q = rms_norm(q, a["q_norm"]["scale"], cfg.rms_eps, cfg.norm_offset)
+    k = rms_norm(k, a["k_norm"]["scale"], cfg.rms_eps, cfg.norm_offset)
+  inv_freq = jnp.where(is_sliding, inv_freq_local, inv_freq_global)
+  q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
+  if k_BxSxKxH is None:
+    k_all, v_all = k, v
+  else:  # write the new keys/values into the cache at cache_index
+    k_all = jax.lax.dynamic_update_slice_in_dim(k_BxSxKxH, k.astype(k_BxSxKxH.dtype), cache_index, 1)
+    v_all = jax.lax.dynamic_update_slice_in_dim(v_BxSxKxH, v.astype(v_BxSxKxH.dtype), cache_index, 1)
+  allowed = jnp.where(is_sliding, allowed_BxTxS[1], allowed_BxTxS[0])
+
+  q = q.reshape(B, T, K, G, H)
+  scores = jnp.einsum("btkgh,bskh->bkgts", q, k_all.astype(q.dtype)).astype(jnp.float32)
+  scores = jnp.where(allowed[:, None, None], scores * cfg.attn_scale, _NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(x_BxTxD.dtype)
+  o = jnp.einsum("bkgts,bskh->btkgh", probs, v_all.astype(probs.dtype)).reshape(B, T, K * G * H)
+  o = _linear(a["o_proj"], o)
+  if cfg.sandwich_norm:
+    o = norm("post_attn_norm", o)
+  x = x_BxTxD + o
+
+  m = p["mlp"]
+  h = norm("pre_mlp_norm", x)
+  h = _linear(m["down_proj"], _act(cfg, _linear(m["gate_proj"], h)) * _linear(m["up_proj"], h))
+  if cfg.sandwich_norm:
+    h = norm("post_mlp_norm", h)
+  return x + h, k_all, v_all
+
+
+def embed(params: Params, cfg: ModelConfig, input_ids_BxT: jax.Array) -> jax.Array:
+  table = params["embed"]["embedding"].astype(cfg.dtype)
+  x = jnp.take(table, input_ids_BxT, axis=0)
+  # transformers scales in the compute dtype; do the same for bitwise parity.
+  return x * jnp.asarray(cfg.embed_scale, cfg.dtype) if cfg.embed_scale != 1.0 else x
+
+
+def lm_head(params: Params, cfg: ModelConfig, hidden_BxTxD: jax.Array) -> jax.Array:
+  if cfg.tie_word_embeddings:
+    w_DxV = params["embed"]["embedding"].astype(hidden_BxTxD.dtype).T
+  else:
+    w_DxV = params["lm_head"]["kernel"].astype(hidden_BxTxD.dtype)
+  logits = (hidden_BxTxD @ w_DxV).astype(jnp.float32)
+  if cfg.final_logit_softcap:
+    c = cfg.final_logit_softcap
+    logits = jnp.tanh(logits / c) * c
+  return logits
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict[str, jax.Array]:
+  shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+  dtype = dtype or cfg.dtype
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def forward(params: Params, cfg: ModelConfig, input_ids_BxT: jax.Array | None = None, *,
+            inputs_embeds_BxTxD: jax.Array | None = None,
+            attention_mask_BxS: jax.Array | None = None,
+            positions_BxT: jax.Array | None = None,
+            cache: dict[str, jax.Array] | None = None,
+            cache_index: jax.Array | int = 0,
+            output_hidden_states: bool = False,
+            compute_logits: bool = True) -> ModelOutput:
+  """Runs the decoder.
+
+  Without a cache, S == T and attention_mask_BxS marks real tokens (left or
+  right padding). With a cache, the T new tokens are written at slots
+  [cache_index, cache_index + T) and attention_mask_BxS marks every filled
+  slot of the cache (the caller keeps it up to date).
+  """
+  if (input_ids_BxT is None) == (inputs_embeds_BxTxD is None):
+    raise ValueError("Pass exactly one of input_ids_BxT or inputs_embeds_BxTxD.")
+  x = embed(params, cfg, input_ids_BxT) if inputs_embeds_BxTxD is None else inputs_embeds_BxTxD
+  x = x.astype(cfg.dtype)
+  B, T, _ = x.shape
+  S = T if cache is None else cache["k"].shape[2]
+  mask_BxS = (jnp.ones((B, S), bool) if attention_mask_BxS is None
+              else attention_mask_BxS.astype(bool))
+  if positions_BxT is None:  # positions count real tokens only, so left padding is harmless
+    pos_BxS = jnp.maximum(jnp.cumsum(mask_BxS, axis=1) - 1, 0)
+    positions_BxT = jax.lax.dynamic_slice_in_dim(pos_BxS, cache_index, T, axis=1)
+
+  # Padding is contiguous, so slot distance == position distance.
+  q_slot_T = cache_index + jnp.arange(T)
+  k_slot_S = jnp.arange(S)
+  causal_TxS = k_slot_S[None, :] <= q_slot_T[:, None]
+  glob_BxTxS = causal_TxS[None] & mask_BxS[:, None, :]
+  if cfg.sliding_window:
+    near_TxS = (q_slot_T[:, None] - k_slot_S[None, :]) < cfg.sliding_window
+    local_BxTxS = glob_BxTxS & near_TxS[None]
+  else:
+    local_BxTxS = glob_BxTxS
+  allowed = jnp.stack([glob_BxTxS, local_BxTxS])
+
+  inv_g = jnp.asarray(rope_inv_freq(cfg, cfg.rope_theta, cfg.rope_scaling_dict))
+  inv_l = (jnp.asarray(rope_inv_freq(cfg, cfg.rope_local_theta, None))
+           if cfg.rope_local_theta else inv_g)
+  sliding_L = jnp.asarray(cfg.sliding_layers)
+
+  def body(x, xs):
+    p, k_c, v_c, is_sliding = xs
+    x, k_all, v_all = _block(cfg, p, x, k_c, v_c, allowed, positions_BxT, inv_l, inv_g,
+                             is_sliding, cache_index)
+    new_kv = (k_all, v_all) if cache is not None else None
+    return x, (new_kv, x if output_hidden_states else None)
+
+  if cfg.remat:
+    body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+  kc = None if cache is None else cache["k"]
+  vc = None if cache is None else cache["v"]
+  h, (new_kv, layer_outs) = jax.lax.scan(body, x, (params["layers"], kc, vc, sliding_L))
+  h_final = rms_norm(h, params["final_norm"]["scale"], cfg.rms_eps, cfg.norm_offset)
+
+  hidden_states = None
+  if output_hidden_states:  # embeddings, layer 1..L-1 outputs, final normed output
+    hidden_states = jnp.concatenate([x[None], layer_outs[:-1], h_final[None]], axis=0)
+  new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1]}
+  logits = lm_head(params, cfg, h_final) if compute_logits else None
+  return ModelOutput(logits, h_final, hidden_states, new_cache)
