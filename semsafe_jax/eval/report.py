@@ -1,0 +1,99 @@
+"""Refusal rates with confidence intervals, and the run report (JSON + Markdown)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Sequence
+
+
+def wilson_ci(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+  """95% Wilson score interval: sane at 0/n and n/n, unlike the normal approximation."""
+  if n == 0:
+    return (0.0, 1.0)
+  p = k / n
+  denom = 1 + z * z / n
+  centre = (p + z * z / (2 * n)) / denom
+  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+  return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def refusal_summary(answers: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+  """answers: rows with `split` and `refused` -> {split: {refusal_rate, n, ci95}}."""
+  out: dict[str, dict[str, Any]] = {}
+  for split in sorted({a["split"] for a in answers}):
+    rows = [a for a in answers if a["split"] == split]
+    k = sum(bool(a["refused"]) for a in rows)
+    lo, hi = wilson_ci(k, len(rows))
+    out[split] = {"refusal_rate": k / len(rows), "n": len(rows), "ci95": [lo, hi]}
+  return out
+
+
+def _fmt(s: dict[str, Any]) -> str:
+  lo, hi = s["ci95"]
+  return f"{100 * s['refusal_rate']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] (n={s['n']})"
+
+
+def write_report(workdir: str, report: dict[str, Any], answers_before: Sequence[dict[str, Any]],
+                 answers_after: Sequence[dict[str, Any]], examples_per_split: int = 3) -> None:
+  """Writes report.json and a human-readable report.md."""
+  with open(os.path.join(workdir, "report.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  lines = ["# semsafe_jax run report", "",
+           f"Model: `{report.get('model', '?')}`  ",
+           f"Trainable params: {report['trainable_params']:,} of {report['total_params']:,} "
+           f"({100 * report['trainable_params'] / max(report['total_params'], 1):.2f}%)  ",
+           f"Training time: {report['train_seconds']:.0f} s", "",
+           "## Refusal rate by split (string-match judge, 95% Wilson CI)", "",
+           "| split | before | after |", "|---|---|---|"]
+  for split in report["after"]:
+    before = report["before"].get(split)
+    lines.append(f"| {split} | {_fmt(before) if before else '-'} | {_fmt(report['after'][split])} |")
+  lines += ["", "Harmful splits should go up; `borderline` and `benign` should stay low.", ""]
+  if report.get("plots"):
+    lines += [f"![{p}]({p})" for p in report["plots"]] + [""]
+  lines += ["## Example answers", ""]
+  after_by_prompt = {(a["split"], a["prompt"]): a for a in answers_after}
+  for split in report["after"]:
+    rows = [a for a in answers_before if a["split"] == split][:examples_per_split]
+    lines.append(f"### {split}")
+    for b in rows:
+      a = after_by_prompt.get((split, b["prompt"]))
+      lines += ["", f"**Prompt:** {b['prompt']}", "",
+                f"- before ({'refused' if b['refused'] else 'answered'}): {_one_line(b['completion'])}"]
+      if a:
+        lines.append(f"- after ({'refused' if a['refused'] else 'answered'}): {_one_line(a['completion'])}")
+    lines.append("")
+  with open(os.path.join(workdir, "report.md"), "w") as f:
+    f.write("\n".join(lines))
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+  text = " ".join(text.split())
+  return text if len(text) <= limit else text[:limit] + "…"
+
+
+def plot_refusal_rates(workdir: str, report: dict[str, Any], name: str = "refusal_rates.png") -> str:
+  """Before/after bar chart with CI whiskers; returns the file name."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  splits = list(report["after"])
+  x = np.arange(len(splits))
+  fig, ax = plt.subplots(figsize=(7, 3.5))
+  for off, key in ((-0.2, "before"), (0.2, "after")):
+    rates = [report[key].get(s, {}).get("refusal_rate", np.nan) for s in splits]
+    ci = [report[key].get(s, {}).get("ci95", [np.nan, np.nan]) for s in splits]
+    err = np.array([[r - c[0] for r, c in zip(rates, ci)], [c[1] - r for r, c in zip(rates, ci)]])
+    ax.bar(x + off, rates, width=0.4, yerr=err, capsize=3, label=key)
+  ax.set_xticks(x, splits)
+  ax.set_ylim(0, 1.05)
+  ax.set_ylabel("refusal rate")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, name), dpi=120)
+  plt.close(fig)
+  return name
