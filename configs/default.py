@@ -23,7 +23,10 @@ def get_config():
 
   # --- data (semsafe_jax/data) ---
   c.data = ml_collections.ConfigDict()
-  c.data.sources = ["builtin"]  # builtin | advbench:PATH | csv:PATH | jsonl:PATH | hf:ID ...
+  # builtin | advbench:PATH | harmbench:PATH | xstest:PATH | jbb:PATH | strongreject:PATH |
+  # csv:PATH | jsonl:PATH | json:PATH | hf:ID, each optionally ?opt=v&...; a tuple, because
+  # config_flags cannot override lists: --config.data.sources=builtin --config.data.sources=...
+  c.data.sources = ("builtin",)
   c.data.sbert = "all-MiniLM-L6-v2"  # embedded default; any sentence-transformers id/path
   c.data.embed_batch_size = 64
   c.data.tau = 0.7
@@ -36,6 +39,28 @@ def get_config():
   c.data.harmful_per_step = 8  # anchors + neighbours per step
   c.data.benign_per_step = 8
   c.data.pairs_per_step = 16
+  c.data.neighbors_per_anchor = 3  # mined neighbours drawn with each anchor into a shard
+  c.data.on_bad_rows = "error"  # error | warn (skip bad rows, counted and logged)
+  # Column names for generic csv:/jsonl:/json:/hf: sources (per source: ?text_col=...).
+  c.data.columns = ml_collections.ConfigDict(dict(
+      id="id", text="text", label="label", category="category", intent_id="intent_id",
+      style="style", source="source"))
+  c.data.default_label = ""  # label for generic files without a label column
+  c.data.eval_only_sources = ()  # never trained on, besides xstest (always eval-only)
+  c.data.refusals = "builtin"  # builtin | PATH (.jsonl with "text", or .txt one per line)
+  c.data.cache_dir = ""  # SBERT embedding cache; "" = WORKDIR/cache
+  c.data.embed_device = "cpu"
+  c.data.approx_index = "hnsw"  # what index=auto uses above exact_max: hnsw | ivf
+  c.data.hnsw_m = 32
+  c.data.hnsw_ef_construction = 64
+  c.data.hnsw_ef_search = 128
+  c.data.ivf_nlist = 0  # 0 = about 4 * sqrt(N)
+  c.data.ivf_nprobe = 32
+  c.data.faiss_threads = 0  # 0 = all cores
+  c.data.split_seed = 0  # splits depend on this, not on the training seed
+  c.data.max_len = 128  # training row length cap (prompt + response tokens)
+  c.data.max_response_tokens = 48  # refusal targets / base answers are cut to this
+  c.data.eval_frac = 0.5  # share of benign / borderline prompts kept for evaluation
 
   # --- generation (semsafe_jax/models/generate.py) ---
   c.generate = ml_collections.ConfigDict()
@@ -55,6 +80,8 @@ def get_config():
   c.adapters.lora_rank = 16
   c.adapters.lora_alpha = 32.0
   c.adapters.lora_dropout = 0.0
+  # Short names (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj) and/or
+  # regexes fully matching kernel paths such as "layers/attn/q_proj/kernel".
   c.adapters.lora_targets = ["q_proj", "v_proj"]
   c.adapters.embed_mlp = True
   c.adapters.embed_mlp_hidden = 256
@@ -66,11 +93,31 @@ def get_config():
   c.loss.w_capability = 1.0
   c.loss.consistency_repr = "refusal_prob"  # hidden | refusal_prob | next_token
   c.loss.scorer = "first_token"  # first_token | soft_pattern | classifier | probe
-  c.loss.hidden_layer = -1
+  c.loss.hidden_layer = -1  # hidden_states index: 0 = embeddings, -1 = final norm output
+  c.loss.hidden_pool = "mean"  # mean over prompt tokens | last prompt token
+  c.loss.normalize_hidden = True  # unit-normalise pooled states before the squared L2
+  c.loss.divergence = "js"  # next_token: js | sym_kl
+  c.loss.capability = "kl"  # kl (vs the base model's distributions) | ce (its greedy tokens)
+  c.loss.kl_direction = "forward"  # forward = KL(base || adapted) | reverse
+  c.loss.max_target_tokens = 64  # LM head runs on the first N target tokens per row (0 = all)
+  c.loss.ambiguous_token_weight = 0.5  # first_token: weight of openers shared with helpful answers
+  c.loss.refusal_phrases = []  # soft_pattern phrases; empty = built-in list
+  c.loss.probe_pool = "prompt"  # probe scorer pools over: prompt | response tokens
+  c.loss.classifier_hidden = 64  # refusal classifier (scorer "classifier")
+  c.loss.classifier_steps = 300
+  c.loss.classifier_lr = 3e-3
 
   # --- safety probe ---
   c.probe = ml_collections.ConfigDict()
+  c.probe.train = True  # fit and report the per-layer safety probe
+  c.probe.max_prompts = 160  # per class, for probe training and its held-out check
   c.probe.use = "off"  # off | weight_pairs | flag_unlabeled
+  c.probe.layer = "best"  # best (held-out accuracy) or a hidden_states index
+  c.probe.threshold = 0.5  # flag_unlabeled: unsafe probability that flags a prompt
+  c.probe.steps = 300  # logistic regression: full-batch Adam steps
+  c.probe.lr = 0.05
+  c.probe.l2 = 1e-3
+  c.probe.batch_size = 16  # prompts per forward when extracting hidden states
 
   # --- training (semsafe_jax/train) ---
   c.train = ml_collections.ConfigDict()
@@ -81,18 +128,38 @@ def get_config():
   c.train.clip_norm = 1.0
   c.train.grad_accum = 1
   c.train.log_every = 10
-  c.train.max_bad_steps = 5
+  c.train.max_bad_steps = 5  # stop after this many consecutive non-finite steps
+  c.train.end_lr_frac = 0.0  # cosine decays to lr * end_lr_frac
+  c.train.progress = True  # tqdm bar (process 0)
+  c.train.donate = True  # update params/opt state in place
+  # Device mesh over all hosts; one axis may be -1 (the rest of the devices).
+  c.train.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+  c.train.sharding = "replicate"  # frozen params: replicate | fsdp | tensor | fsdp_tensor
 
   # --- checkpoints (Orbax) ---
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 50
   c.checkpoint.keep = 3
+  c.checkpoint.async_save = True  # write in the background
+  c.checkpoint.save_on_sigterm = True  # save and stop on SIGTERM (single process)
 
   # --- export ---
   c.export = ml_collections.ConfigDict()
   c.export.format = "peft"  # peft | merged | orbax
+  c.export.out_dir = ""  # "" = WORKDIR/export/<format>
+  c.export.step = -1  # checkpoint step to export; -1 = the latest
+  c.export.dtype = "float32"  # weights on disk: float32 | bfloat16 | float16
+  c.export.max_shard_gb = 5.0  # merged: split model.safetensors into shards above this size
+  # peft: also write the base model as a transformers checkpoint to <out_dir>/base.
+  # auto = when transformers cannot load model.name_or_path itself (GGUF, aliases, tiny-random).
+  c.export.save_base = "auto"  # auto | yes | no
+  c.export.base_model_name_or_path = ""  # recorded in adapter_config.json; "" = automatic
 
   # --- evaluation / report ---
   c.eval = ml_collections.ConfigDict()
-  c.eval.max_new_tokens = 48
+  c.eval.max_new_tokens = 32  # enough for the judge: refusals open the answer
+  c.eval.batch_size = 32
+  c.eval.max_per_split = 100  # deterministic subsample per report split (0 = all)
+  c.eval.seed = 0
+  c.eval.base_answer_tokens = 48  # length of the base answers L_capability trains on
   return c

@@ -4,8 +4,10 @@
 """
 
 import importlib
+import logging
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -16,8 +18,16 @@ flags.mark_flags_as_required(["config", "workdir"])
 _MODES = {"train": "train", "generate": "generate", "mine": "mine", "export": "export"}
 
 
+class _QuietCheckpointLogs(logging.Filter):
+  """Orbax logs every save step at INFO; keep its warnings, drop the chatter."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
 def main(argv):
   del argv
+  absl_logging.get_absl_handler().addFilter(_QuietCheckpointLogs())
   config = _CONFIG.value
   if config.mode not in _MODES:
     raise app.UsageError(f"Unknown config.mode={config.mode!r}; choose one of {sorted(_MODES)}.")

@@ -140,15 +140,20 @@ def from_hf_dict(d: dict[str, Any], **runtime) -> ModelConfig:
     return ModelConfig(family=model_type, qkv_bias=bias, o_bias=bias,
                        mlp_bias=bool(d.get("mlp_bias", False)), sliding_window=window,
                        **rope, **common)
-  if model_type == "qwen2":
-    window = d.get("sliding_window") if d.get("use_sliding_window") else None
-    if window is not None:
+  # Qwen2/3: sliding only when use_sliding_window; saved layer_types win over max_window_layers.
+  window = d.get("sliding_window") if d.get("use_sliding_window") else None
+  sliding = None
+  if window is not None:
+    layer_types = d.get("layer_types")
+    if layer_types is None:
       max_window_layers = d.get("max_window_layers", common["num_layers"])
-      sliding = tuple(i >= max_window_layers for i in range(common["num_layers"]))
-    else:
-      sliding = None
+      layer_types = ["sliding_attention" if i >= max_window_layers else "full_attention"
+                     for i in range(common["num_layers"])]
+    sliding = tuple(t == "sliding_attention" for t in layer_types)
+  if model_type == "qwen2":
     return ModelConfig(family="qwen2", qkv_bias=True, sliding_window=window,
                        layer_is_sliding=sliding, **rope, **common)
   # qwen3
   bias = bool(d.get("attention_bias", False))
-  return ModelConfig(family="qwen3", qk_norm=True, qkv_bias=bias, o_bias=bias, **rope, **common)
+  return ModelConfig(family="qwen3", qk_norm=True, qkv_bias=bias, o_bias=bias,
+                     sliding_window=window, layer_is_sliding=sliding, **rope, **common)

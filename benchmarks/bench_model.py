@@ -1,0 +1,188 @@
+"""Throughput of our JAX model vs transformers (torch) on the embedded default.
+
+  HF_HUB_OFFLINE=1 python benchmarks/bench_model.py [--reps 5] [--model smollm2-135m-instruct]
+
+Measures, in float32 on the local CPU (or whatever device JAX picks):
+  (a) forward tokens/s, batch 8 x 128 tokens: jit `transformer.forward` vs
+      the torch module under `torch.no_grad()` in eval mode;
+  (b) generation tokens/s, batch 8 chat prompts (left-padded), 64 new tokens,
+      greedy with end tokens ignored so both produce all 64:
+      `generate.decode` (prefill + while_loop decode in one jit) vs
+      `transformers` `model.generate(min_new_tokens=64)`;
+  (c) our forward's achieved FLOP/s as a fraction of a matmul peak measured
+      in the same run (float32 2048x2048 `jnp.dot`, best of several).
+Every number is the median of --reps timed runs after a warm-up run; torch
+uses as many threads as there are cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from semsafe_jax.models import chat as chat_lib
+from semsafe_jax.models import generate as gen_lib
+from semsafe_jax.models import transformer
+from semsafe_jax.models.loading import load_pretrained
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a short poem about the sea and the wind.",
+    "How do I bake sourdough bread at home?",
+    "Explain photosynthesis to a ten-year-old.",
+    "Give me three tips for studying for exams.",
+    "What is 17 times 23?",
+    "Tell me a joke about cats.",
+    "Summarise the plot of Romeo and Juliet in two sentences.",
+]
+
+
+def timed(fn, reps: int) -> float:
+  """Median seconds of `reps` calls after one warm-up call."""
+  fn()
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def matmul_peak(reps: int, n: int = 2048) -> float:
+  """Best float32 FLOP/s of an n x n matmul (the roofline we compare to)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  f = jax.jit(jnp.dot)
+  f(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(max(reps, 5)):
+    t = time.perf_counter()
+    f(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n**3 / best
+
+
+def forward_flops(cfg, batch: int, seq: int) -> float:
+  """Matmul FLOPs of one full forward (attention computed as a full T x T block)."""
+  D, F, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
+  NH, KH = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  per_token_layer = 2 * (D * NH + 2 * D * KH + NH * D + 3 * D * F) + 2 * 2 * seq * NH
+  return batch * seq * (L * per_token_layer + 2 * D * V)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--model", default="smollm2-135m-instruct")
+  ap.add_argument("--reps", type=int, default=5)
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--seq", type=int, default=128)
+  ap.add_argument("--new_tokens", type=int, default=64)
+  args = ap.parse_args()
+
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(os.cpu_count() or 1)
+
+  pre = load_pretrained(args.model, dtype="float32", param_dtype="float32")
+  cfg, params, tok = pre.cfg, pre.params, pre.tokenizer
+  hf = transformers.LlamaConfig(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+      intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+      num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+      head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_eps, rope_theta=cfg.rope_theta,
+      tie_word_embeddings=cfg.tie_word_embeddings, max_position_embeddings=8192)
+  if cfg.family != "llama" or cfg.rope_scaling:
+    raise SystemExit("This benchmark builds the torch twin as a plain Llama model.")
+  model = transformers.LlamaForCausalLM(hf).eval()
+  _copy_to_torch(params, cfg, model)
+  print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} cores, "
+        f"torch threads {torch.get_num_threads()}, jax {jax.__version__}, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}")
+
+  # (a) forward.
+  B, T = args.batch, args.seq
+  ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (B, T)).astype(np.int32)
+  fwd = jax.jit(lambda p, x: transformer.forward(p, cfg, x).logits)
+  ids_j = jnp.asarray(ids)
+  t_ours = timed(lambda: fwd(params, ids_j).block_until_ready(), args.reps)
+  ids_t = torch.from_numpy(ids.astype(np.int64))
+
+  def torch_fwd():
+    with torch.no_grad():
+      model(ids_t, use_cache=False).logits
+
+  t_hf = timed(torch_fwd, args.reps)
+  with torch.no_grad():
+    ref = model(ids_t, use_cache=False).logits.numpy()
+  err = float(np.abs(np.asarray(fwd(params, ids_j)) - ref).max())
+  print(f"(a) forward {B}x{T}: ours {B * T / t_ours:,.0f} tok/s ({t_ours * 1e3:.1f} ms), "
+        f"transformers {B * T / t_hf:,.0f} tok/s ({t_hf * 1e3:.1f} ms), "
+        f"ratio {t_hf / t_ours:.2f}x (target >= 1.3x); max |logit diff| {err:.1e}")
+
+  # (b) generation: same left-padded chat batch for both, all N tokens produced.
+  N = args.new_tokens
+  prompts = (PROMPTS * (B // len(PROMPTS) + 1))[:B]
+  texts = chat_lib.format_prompts(tok, prompts)
+  enc = chat_lib.encode(tok, texts)
+  P = gen_lib.prompt_bucket(max(map(len, enc)))
+  pid = chat_lib.pad_id(tok)
+  ids_BxP, mask_BxP = chat_lib.left_pad(enc, length=P, pad=pid)
+  embed = gen_lib.as_embed_partial(None)
+  no_stop = np.full((1,), -1, np.int32)
+  run = lambda: gen_lib.decode(params, embed, ids_BxP, mask_BxP, no_stop, jax.random.key(0),
+                               np.int32(pid), cfg=cfg, max_new_tokens=N,
+                               sampling=gen_lib.Sampling())[0].block_until_ready()
+  t_ours = timed(run, args.reps)
+  # transformers gets the tight left padding (no bucket), its best case.
+  hf_ids, hf_mask = chat_lib.left_pad(enc, pad=pid)
+  hf_ids, hf_mask = torch.from_numpy(hf_ids.astype(np.int64)), torch.from_numpy(hf_mask.astype(np.int64))
+
+  def torch_gen():
+    with torch.no_grad():
+      return model.generate(hf_ids, attention_mask=hf_mask, do_sample=False, max_new_tokens=N,
+                            min_new_tokens=N, pad_token_id=pid)
+
+  t_hf = timed(torch_gen, args.reps)
+  same = float(np.mean(np.asarray(run()) == torch_gen()[:, hf_ids.shape[1]:].numpy()))
+  print(f"(b) generate {B} prompts (padded to {P}) + {N} new tokens: "
+        f"ours {B * N / t_ours:,.0f} tok/s ({t_ours:.2f} s), "
+        f"transformers {B * N / t_hf:,.0f} tok/s ({t_hf:.2f} s), "
+        f"ratio {t_hf / t_ours:.2f}x (target >= 2x); same tokens {same:.1%}")
+
+  # (c) achieved FLOP/s of (a) vs a matmul peak measured now.
+  t_ours = timed(lambda: fwd(params, ids_j).block_until_ready(), args.reps)
+  peak = matmul_peak(args.reps)
+  achieved = forward_flops(cfg, B, T) / t_ours
+  print(f"(c) forward {achieved / 1e9:,.1f} GFLOP/s = {achieved / peak:.1%} of the "
+        f"float32 2048^2 matmul peak ({peak / 1e9:,.1f} GFLOP/s)")
+
+
+def _copy_to_torch(params, cfg, model) -> None:
+  """Our params dict -> the torch Llama twin (kernels are [in, out], torch is [out, in])."""
+  import torch  # pylint: disable=g-import-not-at-top
+  t = lambda a: torch.from_numpy(np.array(a, np.float32))
+  sd = {"model.embed_tokens.weight": t(params["embed"]["embedding"]),
+        "model.norm.weight": t(params["final_norm"]["scale"])}
+  if not cfg.tie_word_embeddings:
+    sd["lm_head.weight"] = t(params["lm_head"]["kernel"]).T
+  lay = params["layers"]
+  for i in range(cfg.num_layers):
+    pre = f"model.layers.{i}."
+    sd[pre + "input_layernorm.weight"] = t(lay["pre_attn_norm"]["scale"][i])
+    sd[pre + "post_attention_layernorm.weight"] = t(lay["pre_mlp_norm"]["scale"][i])
+    for sub, group in (("self_attn", "attn"), ("mlp", "mlp")):
+      for name, p in lay[group].items():
+        sd[f"{pre}{sub}.{name}.weight"] = t(p["kernel"][i]).T.contiguous()
+  missing, unexpected = model.load_state_dict(sd, strict=False)
+  if unexpected or [m for m in missing if m != "lm_head.weight"]:
+    raise RuntimeError(f"weight copy failed: missing {missing}, unexpected {unexpected}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,156 @@
+"""Static-shape training batches with shard-local consistency pairs.
+
+Every step has the same shapes, so one jitted step serves the whole run:
+
+  harmful_idx  int32 [B_h]    prompt rows; D contiguous shard blocks of S = B_h / D
+  benign_idx   int32 [B_b]    benign/borderline prompt rows (capability / over-refusal)
+  pair_index   int32 [P, 2]   positions in harmful_idx; rows [d*P/D, (d+1)*P/D) belong to
+                              shard d and only point into shard d's block
+  pair_weight  float32 [P]    SBERT cosine of the pair (0 for padding)
+  pair_valid   bool [P]       False for padding
+
+Each shard is filled with groups: a random training anchor plus up to
+`neighbors_per_anchor` of its mined training neighbours (cosine > tau); the pairs
+are every mined neighbour pair that landed in the same shard. A batch is a pure
+function of (seed, step), so a resumed run sees exactly the batches it would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Sequence
+
+from absl import logging
+import numpy as np
+
+from semsafe_jax.data.neighbors import Neighbors
+from semsafe_jax.data.schema import DataError
+
+_ANCHOR_TRIES = 16  # random draws before accepting a prompt already in the batch
+
+
+@dataclasses.dataclass(frozen=True)
+class PairBatch:
+  step: int
+  harmful_idx: np.ndarray  # int32 [B_h]
+  benign_idx: np.ndarray  # int32 [B_b]
+  pair_index: np.ndarray  # int32 [P, 2], positions within harmful_idx
+  pair_weight: np.ndarray  # float32 [P]
+  pair_valid: np.ndarray  # bool [P]
+  num_shards: int
+
+  @property
+  def pair_index_local(self) -> np.ndarray:
+    """pair_index as positions within each shard's own block (for shard_map code)."""
+    return self.pair_index % (len(self.harmful_idx) // self.num_shards)
+
+
+class PairBatcher:
+  """Builds `PairBatch`es from training rows and mined neighbours."""
+
+  def __init__(self, harmful_idx: Sequence[int], benign_idx: Sequence[int], neighbors: Neighbors,
+               tau: float, *, harmful_per_step: int, benign_per_step: int, pairs_per_step: int,
+               num_shards: int = 1, neighbors_per_anchor: int = 3, seed: int = 0):
+    d = num_shards
+    if d < 1:
+      raise DataError(f"num_shards={d} must be >= 1")
+    for name, size in [("harmful_per_step", harmful_per_step), ("pairs_per_step", pairs_per_step),
+                       ("benign_per_step", benign_per_step)]:
+      if size < 0 or size % d:
+        raise DataError(f"config.data.{name}={size} must be a non-negative multiple of the "
+                        f"number of shards ({d}), so that every shard gets an equal block")
+    if harmful_per_step < d:
+      raise DataError(f"harmful_per_step={harmful_per_step} must be >= num_shards={d}")
+    self.harmful_rows = np.unique(np.asarray(harmful_idx, np.int64))
+    self.benign_rows = np.unique(np.asarray(benign_idx, np.int64))
+    if self.harmful_rows.size == 0:
+      raise DataError("No training harmful prompts to batch")
+    if benign_per_step and self.benign_rows.size == 0:
+      raise DataError("benign_per_step > 0 but there are no training benign/borderline prompts")
+    self.b_h, self.b_b, self.p, self.d = harmful_per_step, benign_per_step, pairs_per_step, d
+    self.tau, self.seed, self.neighbors_per_anchor = tau, seed, neighbors_per_anchor
+    self._adj, self._pair_sim = _train_graph(self.harmful_rows, neighbors, tau)
+    if not self._pair_sim:
+      logging.warning("No training pairs with cosine > %.2f: batches carry no valid pairs", tau)
+    logging.info("PairBatcher: %d harmful (%d with a neighbour), %d benign, %d pairs; "
+                 "B_h=%d B_b=%d P=%d shards=%d", self.harmful_rows.size, len(self._adj),
+                 self.benign_rows.size, len(self._pair_sim), self.b_h, self.b_b, self.p, d)
+
+  @property
+  def num_train_pairs(self) -> int:
+    return len(self._pair_sim)
+
+  def batch(self, step: int) -> PairBatch:
+    """The batch of `step`: depends only on (seed, step) and the constructor inputs."""
+    rng = np.random.default_rng([self.seed, step])
+    shard_size, pairs_per_shard = self.b_h // self.d, self.p // self.d
+    used: set[int] = set()
+    harmful, pair_index, pair_weight, pair_valid = [], [], [], []
+    for shard in range(self.d):
+      rows = self._fill_shard(shard_size, used, rng)
+      offset = shard * shard_size
+      cand = [(offset + a, offset + b, self._pair_sim[(min(rows[a], rows[b]), max(rows[a], rows[b]))])
+              for a in range(len(rows)) for b in range(a + 1, len(rows))
+              if (min(rows[a], rows[b]), max(rows[a], rows[b])) in self._pair_sim]
+      if len(cand) > pairs_per_shard:
+        cand = [cand[i] for i in np.sort(rng.choice(len(cand), pairs_per_shard, replace=False))]
+      pad = pairs_per_shard - len(cand)
+      pair_index += [(a, b) for a, b, _ in cand] + [(offset, offset)] * pad  # padding stays in-shard
+      pair_weight += [s for _, _, s in cand] + [0.0] * pad
+      pair_valid += [True] * len(cand) + [False] * pad
+      harmful.extend(rows)
+    benign = rng.choice(self.benign_rows, self.b_b, replace=self.benign_rows.size < self.b_b) \
+        if self.b_b else np.zeros(0, np.int64)
+    return PairBatch(step=step,
+                     harmful_idx=np.asarray(harmful, np.int32),
+                     benign_idx=np.asarray(benign, np.int32),
+                     pair_index=np.asarray(pair_index, np.int32).reshape(self.p, 2),
+                     pair_weight=np.asarray(pair_weight, np.float32),
+                     pair_valid=np.asarray(pair_valid, bool),
+                     num_shards=self.d)
+
+  def batches(self, start_step: int = 0) -> Iterator[PairBatch]:
+    step = start_step
+    while True:
+      yield self.batch(step)
+      step += 1
+
+  def _fill_shard(self, size: int, used: set[int], rng: np.random.Generator) -> list[int]:
+    rows: list[int] = []
+    while len(rows) < size:
+      anchor = self._draw_anchor(used, rng)
+      group = [anchor]
+      room = min(self.neighbors_per_anchor, size - len(rows) - 1)
+      nbrs = self._adj.get(anchor)
+      if room > 0 and nbrs is not None:
+        fresh = [int(x) for x in rng.permutation(nbrs) if int(x) not in used]
+        group += fresh[:room]
+      used.update(group)
+      rows += group
+    return rows
+
+  def _draw_anchor(self, used: set[int], rng: np.random.Generator) -> int:
+    """A uniformly random training prompt, avoiding ones already in the batch if possible."""
+    for _ in range(_ANCHOR_TRIES):
+      row = int(self.harmful_rows[rng.integers(self.harmful_rows.size)])
+      if row not in used:
+        return row
+    return row  # tiny pools: a repeat beats an error
+
+
+def _train_graph(train_rows: np.ndarray, nb: Neighbors, tau: float
+                 ) -> tuple[dict[int, np.ndarray], dict[tuple[int, int], float]]:
+  """Symmetric neighbour lists and pair cosines restricted to training prompts, > tau."""
+  is_train = np.zeros(nb.neighbors_NxK.shape[0], bool)
+  is_train[train_rows] = True
+  pair_sim: dict[tuple[int, int], float] = {}
+  for a in train_rows:
+    for b, s, v in zip(nb.neighbors_NxK[a], nb.sims_NxK[a], nb.valid_NxK[a]):
+      if v and s > tau and b != a and b >= 0 and is_train[b]:
+        key = (min(int(a), int(b)), max(int(a), int(b)))
+        pair_sim[key] = max(pair_sim.get(key, -1.0), float(s))
+  adj: dict[int, list[int]] = {}
+  for a, b in pair_sim:
+    adj.setdefault(a, []).append(b)
+    adj.setdefault(b, []).append(a)
+  return {a: np.asarray(sorted(v), np.int64) for a, v in adj.items()}, pair_sim

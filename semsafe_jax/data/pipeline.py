@@ -1,0 +1,117 @@
+"""prepare_data: sources -> embeddings -> neighbours -> splits, written to the workdir.
+
+Outputs in W (rows of every array follow the order of W/prompts.jsonl):
+  prompts.jsonl        id, text, label, category, intent_id, style, source
+  pairs.npz            neighbors int32 [N,K] (-1 padded), sims float32 [N,K], valid bool [N,K]
+  splits.json          {split name: [prompt ids]} (see splits.py for the names)
+  split_report.json    counts, linked intents held out together, leakage checks
+  mining_stats.json    pairs-per-prompt histogram, coverage, tau sweep, load counts
+  mining_stats.png     the histogram and the tau sweep
+  cache/               SBERT embeddings keyed by (model, texts)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any
+
+from absl import logging
+import numpy as np
+
+from semsafe_jax.data import builtin, embed, loaders, neighbors, splits as splits_lib
+from semsafe_jax.data.batches import PairBatcher
+from semsafe_jax.data.schema import Prompt, check_trainable
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedData:
+  prompts: list[Prompt]
+  emb_NxD: np.ndarray  # float32, unit rows
+  neighbors: neighbors.Neighbors
+  splits: dict[str, np.ndarray]  # split name -> sorted prompt rows
+  refusals: list[str]
+  refusal_records: list[builtin.Refusal]
+  mining_stats: dict[str, Any]
+  split_report: dict[str, Any]
+  workdir: pathlib.Path
+
+  def texts(self, rows: Any) -> list[str]:
+    return [self.prompts[int(i)].text for i in np.asarray(rows).reshape(-1)]
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  tmp.write_text(text, encoding="utf-8")
+  os.replace(tmp, path)
+
+
+def _dump_json(path: pathlib.Path, obj: Any) -> None:
+  _write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_prompts(path: pathlib.Path, prompts: list[Prompt]) -> None:
+  _write_atomic(path, "".join(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in prompts))
+
+
+def _plain(mapping: Any) -> dict[str, Any]:
+  return mapping.to_dict() if hasattr(mapping, "to_dict") else dict(mapping)
+
+
+def prepare_data(config: Any, workdir: str | os.PathLike[str]) -> PreparedData:
+  """Loads config.data.sources, embeds, mines, splits; writes and returns the results."""
+  cfg = config.data
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  extra_eval_only = list(cfg.get("eval_only_sources", []))
+
+  prompts, load_summaries = loaders.load_sources(
+      list(cfg.sources), on_bad_rows=cfg.get("on_bad_rows", "error"),
+      columns=_plain(cfg.get("columns", {})), default_label=cfg.get("default_label", ""))
+  labels = [p.label for p in prompts]
+
+  emb_NxD = embed.embed_texts([p.text for p in prompts], cfg.sbert,
+                              batch_size=cfg.get("embed_batch_size", 64),
+                              cache_dir=cfg.get("cache_dir") or workdir / "cache",
+                              device=cfg.get("embed_device", "cpu"))
+
+  nb, topk = neighbors.mine_neighbors(emb_NxD, cfg.k, cfg.tau,
+                                      labels if cfg.get("same_label_only", True) else None,
+                                      neighbors.IndexOptions.from_config(cfg))
+  stats = neighbors.mining_stats(topk, cfg.tau, labels=labels)
+  stats["same_label_only"] = bool(cfg.get("same_label_only", True))
+  stats["sbert"] = cfg.sbert
+  stats["loads"] = load_summaries
+
+  split_rows, report = splits_lib.make_splits(
+      prompts, emb_NxD, tau=cfg.tau, seed=cfg.get("split_seed", 0),
+      heldout_intent_frac=cfg.heldout_intent_frac, heldout_phrasing_frac=cfg.heldout_phrasing_frac,
+      eval_frac=cfg.get("eval_frac", 0.5), extra_eval_only=extra_eval_only)
+
+  refusal_records = builtin.load_refusals(cfg.get("refusals", "builtin"))
+
+  write_prompts(workdir / "prompts.jsonl", prompts)
+  neighbors.save_neighbors(workdir / "pairs.npz", nb)
+  _dump_json(workdir / "splits.json", splits_lib.split_ids(prompts, split_rows))
+  _dump_json(workdir / "split_report.json", report)
+  neighbors.save_stats(stats, workdir / "mining_stats.json", workdir / "mining_stats.png")
+  logging.info("Data prepared in %s:\n%s", workdir, neighbors.format_stats(stats))
+  return PreparedData(prompts=prompts, emb_NxD=emb_NxD, neighbors=nb, splits=split_rows,
+                      refusals=[r.text for r in refusal_records], refusal_records=refusal_records,
+                      mining_stats=stats, split_report=report, workdir=workdir)
+
+
+def make_batcher(data: PreparedData, config: Any, num_shards: int = 1) -> PairBatcher:
+  """The training batcher over the train splits, sized by config.data, seeded by config.seed."""
+  cfg = config.data
+  harmful = data.splits["train"]
+  benign = np.concatenate([data.splits["train_benign"], data.splits["train_borderline"]])
+  extra = list(cfg.get("eval_only_sources", []))
+  check_trainable(data.prompts, harmful, extra)
+  check_trainable(data.prompts, benign, extra)
+  return PairBatcher(harmful, benign, data.neighbors, cfg.tau,
+                     harmful_per_step=cfg.harmful_per_step, benign_per_step=cfg.benign_per_step,
+                     pairs_per_step=cfg.pairs_per_step, num_shards=num_shards,
+                     neighbors_per_anchor=cfg.get("neighbors_per_anchor", 3), seed=config.seed)

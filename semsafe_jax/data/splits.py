@@ -1,0 +1,218 @@
+"""Deterministic, leak-free train / evaluation splits.
+
+Harmful prompts (grouped by `intent_id`):
+  train             phrasings the model is trained on
+  heldout_phrasing  other phrasings of intents seen in training (~heldout_phrasing_frac
+                    of each intent's phrasings; at least one always stays in train)
+  heldout_intent    whole intents never trained on, and with NO train prompt at cosine
+                    >= tau to any of their prompts. Enforced by treating intents that have
+                    a cross pair at cosine >= tau as one linked group, held out or kept
+                    together; the report lists which intents moved with which.
+Benign and borderline prompts: train_* / eval_* (eval_frac of each label to eval).
+Eval-only sources (XSTest, ...): eval_only_{harmful,benign,borderline}; never train.
+All choices depend only on (seed, the prompts' ids and texts), not on load order.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Iterable, Sequence
+
+from absl import logging
+import numpy as np
+
+from semsafe_jax.data.schema import DataError, Prompt, check_trainable, eval_only_sources
+
+TRAIN_SPLITS = ("train", "train_benign", "train_borderline")
+SPLIT_NAMES = ("train", "heldout_phrasing", "heldout_intent", "train_benign", "eval_benign",
+               "train_borderline", "eval_borderline", "eval_only_harmful", "eval_only_benign",
+               "eval_only_borderline")
+# Separate random streams, so changing one fraction does not reshuffle the others.
+_INTENT_STREAM, _PHRASING_STREAM, _BENIGN_STREAM = 1, 2, 3
+_MAX_REPORTED_LINKS = 200
+
+
+def similar_pairs(emb_NxD: np.ndarray, tau: float) -> np.ndarray:
+  """All pairs (i < j) with cosine >= tau, exactly (FAISS range search): int64 [M, 2]."""
+  import faiss  # pylint: disable=g-import-not-at-top
+  emb_NxD = np.ascontiguousarray(emb_NxD, dtype=np.float32)
+  if len(emb_NxD) < 2:
+    return np.zeros((0, 2), np.int64)
+  index = faiss.IndexFlatIP(emb_NxD.shape[1])
+  index.add(emb_NxD)
+  lims, _, ids = index.range_search(emb_NxD, float(np.nextafter(np.float32(tau), -1)))
+  rows = np.repeat(np.arange(len(emb_NxD)), np.diff(lims).astype(np.int64))
+  ids = ids.astype(np.int64)
+  keep = rows < ids
+  return np.stack([rows[keep], ids[keep]], axis=1)
+
+
+class _UnionFind:
+
+  def __init__(self, n: int):
+    self.parent = list(range(n))
+
+  def find(self, a: int) -> int:
+    while self.parent[a] != a:
+      self.parent[a] = self.parent[self.parent[a]]
+      a = self.parent[a]
+    return a
+
+  def union(self, a: int, b: int) -> None:
+    ra, rb = self.find(a), self.find(b)
+    if ra != rb:
+      self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def max_cross_cosine(emb_NxD: np.ndarray, rows_a: Sequence[int], rows_b: Sequence[int]) -> float:
+  """Largest cosine between any row of `rows_a` and any of `rows_b` (-1 if either empty)."""
+  if len(rows_a) == 0 or len(rows_b) == 0:
+    return -1.0
+  best = -1.0
+  b_MxD = emb_NxD[np.asarray(rows_b)]
+  for start in range(0, len(rows_a), 4096):  # blocks bound memory for large sets
+    a_BxD = emb_NxD[np.asarray(rows_a[start:start + 4096])]
+    best = max(best, float((a_BxD @ b_MxD.T).max()))
+  return best
+
+
+def _stochastic_round(x: float, rng: np.random.Generator) -> int:
+  """floor(x) or ceil(x), unbiased: small intents hold out ~frac on average."""
+  whole = int(np.floor(x))
+  return whole + int(rng.random() < x - whole)
+
+
+def _link_groups(harmful: list[int], intents: list[str], intent_of: dict[int, int],
+                 emb_NxD: np.ndarray, tau: float) -> tuple[list[list[int]], list[tuple[int, int, float]]]:
+  """Intents joined by a cross-intent pair at cosine >= tau, as groups of intent indices."""
+  uf = _UnionFind(len(intents))
+  links: dict[tuple[int, int], float] = {}
+  rows = np.asarray(harmful, dtype=np.int64)
+  for a, b in similar_pairs(emb_NxD[rows], tau):
+    ia, ib = intent_of[rows[a]], intent_of[rows[b]]
+    if ia != ib:
+      uf.union(ia, ib)
+      key = (min(ia, ib), max(ia, ib))
+      links[key] = max(links.get(key, -1.0), float(emb_NxD[rows[a]] @ emb_NxD[rows[b]]))
+  groups = collections.defaultdict(list)
+  for i in range(len(intents)):
+    groups[uf.find(i)].append(i)
+  return sorted(groups.values()), [(a, b, c) for (a, b), c in sorted(links.items())]
+
+
+def make_splits(prompts: Sequence[Prompt], emb_NxD: np.ndarray, *, tau: float, seed: int,
+                heldout_intent_frac: float, heldout_phrasing_frac: float, eval_frac: float = 0.5,
+                extra_eval_only: Iterable[str] = ()) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """Splits prompt row indices; returns {split: sorted int64 rows} and a report."""
+  for name, frac in [("heldout_intent_frac", heldout_intent_frac),
+                     ("heldout_phrasing_frac", heldout_phrasing_frac), ("eval_frac", eval_frac)]:
+    if not 0.0 <= frac < 1.0:
+      raise DataError(f"{name}={frac} must be in [0, 1)")
+  if len(prompts) != len(emb_NxD):
+    raise DataError(f"{len(prompts)} prompts but {len(emb_NxD)} embeddings")
+  banned = eval_only_sources(extra_eval_only)
+  by_id = sorted(range(len(prompts)), key=lambda i: prompts[i].id)  # load-order independent
+  splits: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
+  for i in by_id:
+    if prompts[i].source in banned:
+      splits[f"eval_only_{prompts[i].label}"].append(i)
+  harmful = [i for i in by_id if prompts[i].label == "harmful" and prompts[i].source not in banned]
+
+  # Held-out intents: whole linked groups, chosen in seeded random order.
+  intents = sorted({prompts[i].intent_id for i in harmful})
+  intent_index = {name: n for n, name in enumerate(intents)}
+  intent_of = {i: intent_index[prompts[i].intent_id] for i in harmful}
+  groups, links = _link_groups(harmful, intents, intent_of, emb_NxD, tau)
+  target = int(round(heldout_intent_frac * len(intents)))
+  if heldout_intent_frac > 0 and len(intents) > 1:
+    target = min(max(target, 1), len(intents) - 1)
+  rng = np.random.default_rng([seed, _INTENT_STREAM])
+  heldout_intents: set[int] = set()
+  too_big = []
+  for g in rng.permutation(len(groups)):
+    group = groups[g]
+    if len(heldout_intents) >= target:
+      break
+    if len(heldout_intents) + len(group) <= target:
+      heldout_intents.update(group)
+    else:
+      too_big.append(group)
+  if len(heldout_intents) < target:
+    logging.warning("Held out %d intents, fewer than the %d asked for: the remaining linked "
+                    "groups are larger than the budget (see split_report.json)",
+                    len(heldout_intents), target)
+
+  # Held-out phrasings of each training intent; at least one phrasing stays in train.
+  members = collections.defaultdict(list)
+  for i in harmful:
+    members[intent_of[i]].append(i)
+  rng = np.random.default_rng([seed, _PHRASING_STREAM])
+  for intent in range(len(intents)):
+    rows = members[intent]
+    if intent in heldout_intents:
+      splits["heldout_intent"].extend(rows)
+      continue
+    order = rng.permutation(len(rows))
+    n_hold = min(_stochastic_round(heldout_phrasing_frac * len(rows), rng), len(rows) - 1)
+    splits["heldout_phrasing"].extend(rows[j] for j in order[:n_hold])
+    splits["train"].extend(rows[j] for j in order[n_hold:])
+
+  rng = np.random.default_rng([seed, _BENIGN_STREAM])
+  for label in ("benign", "borderline"):
+    rows = [i for i in by_id if prompts[i].label == label and prompts[i].source not in banned]
+    order = rng.permutation(len(rows))
+    n_eval = int(round(eval_frac * len(rows)))
+    splits[f"eval_{label}"].extend(rows[j] for j in order[:n_eval])
+    splits[f"train_{label}"].extend(rows[j] for j in order[n_eval:])
+
+  out = {name: np.asarray(sorted(rows), dtype=np.int64) for name, rows in splits.items()}
+  for name in TRAIN_SPLITS:
+    check_trainable(prompts, out[name], extra_eval_only)
+
+  # The leakage rule, verified directly rather than trusted from the construction.
+  seen = np.concatenate([out["train"], out["heldout_phrasing"]])
+  max_cos = max_cross_cosine(emb_NxD, seen, out["heldout_intent"])
+  if max_cos >= tau:
+    raise DataError(f"Leak: a train prompt has cosine {max_cos:.3f} >= tau={tau} to a held-out intent")
+
+  moved = [{"intents": [intents[i] for i in g]} for g in groups if len(g) > 1 and g[0] in heldout_intents]
+  for entry in moved:
+    members_g = {intent_index[x] for x in entry["intents"]}
+    entry["links"] = [[intents[a], intents[b], round(c, 4)] for a, b, c in links if a in members_g]
+  report = {
+      "seed": seed, "tau": tau,
+      "counts": {name: int(len(rows)) for name, rows in out.items()},
+      "intents": {"total": len(intents), "heldout_target": target,
+                  "heldout": len(heldout_intents), "train": len(intents) - len(heldout_intents)},
+      "rule": ("intents with a cross-intent prompt pair at cosine >= tau form one linked group; "
+               "a group is held out whole or kept in train whole, so no train (or heldout_phrasing) "
+               "prompt is within tau of a heldout_intent prompt"),
+      "linked_groups": {
+          "count": len(groups),
+          "multi_intent": sum(len(g) > 1 for g in groups),
+          "largest": max((len(g) for g in groups), default=0),
+          "cross_intent_links": len(links),
+      },
+      "moved_into_heldout_with_their_group": sum(len(m["intents"]) - 1 for m in moved),
+      "heldout_linked_groups": moved[:_MAX_REPORTED_LINKS],
+      "kept_in_train_groups_too_big": [[intents[i] for i in g] for g in too_big[:20]],
+      "max_cos_train_vs_heldout_intent": round(max_cos, 4),
+      "max_cos_train_vs_eval_only": round(max_cross_cosine(
+          emb_NxD, out["train"], np.concatenate([out[f"eval_only_{l}"] for l in
+                                                 ("harmful", "benign", "borderline")])), 4),
+      "eval_only_sources": sorted(banned),
+  }
+  return out, report
+
+
+def split_ids(prompts: Sequence[Prompt], splits: dict[str, np.ndarray]) -> dict[str, list[str]]:
+  return {name: [prompts[i].id for i in rows] for name, rows in splits.items()}
+
+
+def split_rows(prompts: Sequence[Prompt], ids_by_split: dict[str, list[str]]) -> dict[str, np.ndarray]:
+  """Inverse of `split_ids`: row indices from a splits.json mapping."""
+  row_of = {p.id: i for i, p in enumerate(prompts)}
+  try:
+    return {name: np.asarray([row_of[x] for x in ids], np.int64) for name, ids in ids_by_split.items()}
+  except KeyError as e:
+    raise DataError(f"splits refer to unknown prompt id {e.args[0]!r}") from None

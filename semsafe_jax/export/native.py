@@ -1,0 +1,42 @@
+"""Adapters as a standalone Orbax checkpoint (params only), for JAX users.
+
+The directory restores with `orbax.checkpoint.StandardCheckpointer().restore`
+(or `load_orbax`); `adapter_config.json` beside the arrays records the
+hyperparameters needed to apply them (LoRA alpha, the base model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+Adapters = dict[str, Any]
+CONFIG_FILE = "adapter_config.json"
+
+
+def save_orbax(out_dir: str, adapters: Adapters, *, adapter_config: dict[str, Any]) -> str:
+  """Writes `adapters` (replacing any previous export) plus their config JSON."""
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir):
+    shutil.rmtree(out_dir)
+  tree = jax.tree.map(lambda x: np.asarray(x, np.float32), adapters)  # host copy, one dtype
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(out_dir, tree)
+  ckptr.wait_until_finished()
+  with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+    json.dump(adapter_config, f, indent=2, sort_keys=True)
+  return out_dir
+
+
+def load_orbax(path: str) -> tuple[Adapters, dict[str, Any]]:
+  """(adapters, adapter_config) from a `save_orbax` directory."""
+  path = os.path.abspath(path)
+  adapters = ocp.StandardCheckpointer().restore(path)
+  with open(os.path.join(path, CONFIG_FILE)) as f:
+    return adapters, json.load(f)

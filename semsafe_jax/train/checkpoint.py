@@ -1,0 +1,209 @@
+"""Orbax checkpoints of a run, and the workdir's config guard.
+
+Layout of a workdir W:
+  W/config.json            the run's config, written at first start
+  W/checkpoints/<step>/    trainable/ (adapters), train_state/ (optimizer
+                           state, step, RNG key, bad-step counters), data/
+                           (the data sampler's JSON state)
+
+Re-running with the same W resumes from the latest step. A different config
+in an existing W is an error unless `config.overwrite=True`, which deletes the
+old checkpoints and starts fresh, so a run is never silently overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+from semsafe_jax.train import sharding
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+ITEMS = ("trainable", "train_state", "data")
+# Config keys that may change between runs in one workdir: they pick what to do
+# with a run (mode, logging, checkpoint cadence), not what the run computes.
+RESUME_SAFE_KEYS = ("mode", "overwrite", "multihost", "generate", "export", "eval",
+                    "train.log_every", "train.progress", "train.donate", "checkpoint")
+
+# workdir -> config already checked (and maybe wiped for) in this process.
+_PREPARED: dict[str, dict[str, Any]] = {}
+
+
+class ConfigMismatchError(ValueError):
+  """An existing workdir holds a run with a different config."""
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+  """ConfigDict / dict -> JSON-safe plain dict."""
+  d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  return json.loads(json.dumps(d, default=str, sort_keys=True))
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}.{k}" if prefix else k
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, key))
+    else:
+      out[key] = v
+  return out
+
+
+def _ignored(key: str, ignore: Iterable[str]) -> bool:
+  return any(key == i or key.startswith(i + ".") for i in ignore)
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any],
+                ignore: Iterable[str] = RESUME_SAFE_KEYS) -> dict[str, tuple[Any, Any]]:
+  """key -> (old, new) for every differing config field not in `ignore`."""
+  a, b = _flatten(old), _flatten(new)
+  missing = object()
+  return {k: (a.get(k, "<absent>"), b.get(k, "<absent>"))
+          for k in sorted(set(a) | set(b))
+          if not _ignored(k, ignore) and a.get(k, missing) != b.get(k, missing)}
+
+
+def read_config(workdir: str | epath.Path) -> dict[str, Any] | None:
+  path = epath.Path(workdir) / CONFIG_FILE
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def prepare_workdir(workdir: str | epath.Path, config: Any) -> bool:
+  """Guards the workdir against silently mixing runs. Idempotent per process.
+
+  First start: writes W/config.json. Same config: nothing (the run resumes).
+  Different config: ConfigMismatchError, unless `config.overwrite` is set, in
+  which case the old checkpoints are deleted and the new config is written.
+  Returns True when this call started the run fresh.
+  """
+  workdir = epath.Path(workdir)
+  key = str(workdir)
+  new = config_to_dict(config)
+  if _PREPARED.get(key) == new:
+    return False
+  old = read_config(workdir)  # every process reads before process 0 may write
+  overwrite = bool(new.get("overwrite", False))
+  fresh = old is None or overwrite
+  if old is not None and not overwrite:
+    diff = config_diff(old, new)
+    if diff:
+      lines = "\n".join(f"  {k}: {o!r} -> {n!r}" for k, (o, n) in list(diff.items())[:20])
+      more = f"\n  ... and {len(diff) - 20} more" if len(diff) > 20 else ""
+      raise ConfigMismatchError(
+          f"Workdir {workdir} holds a run with a different config:\n{lines}{more}\n"
+          "Use a new --workdir, restore the old settings to resume, or pass "
+          "--config.overwrite=True to delete its checkpoints and start fresh.")
+  sharding.sync("semsafe_prepare_workdir_read")
+  if fresh and sharding.is_primary():
+    ckpt_dir = workdir / CHECKPOINT_DIR
+    if old is not None and ckpt_dir.exists():
+      logging.warning("config.overwrite=True: deleting the checkpoints in %s.", ckpt_dir)
+      ckpt_dir.rmtree()
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / CONFIG_FILE).write_text(json.dumps(new, indent=2, sort_keys=True))
+  sharding.sync("semsafe_prepare_workdir_write")
+  _PREPARED[key] = new
+  return fresh
+
+
+def _manager(workdir: str | epath.Path, *, every: int = 1, keep: int | None = None,
+             async_save: bool = True, create: bool = True) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      save_interval_steps=max(int(every), 1), max_to_keep=keep,
+      enable_async_checkpointing=async_save, create=create)
+  return ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINT_DIR, item_names=ITEMS,
+                               options=options)
+
+
+class Checkpointer:
+  """Saves and restores (TrainState, data-sampler state) for one workdir.
+
+  Saves every `every` steps (plus whenever orbax reports a preemption sync
+  point, and on demand with force=True), keeps the latest `keep`, writes in
+  the background; `wait()` blocks until the writes are durable.
+  """
+
+  def __init__(self, workdir: str | epath.Path, *, every: int, keep: int | None,
+               async_save: bool = True):
+    self.workdir = epath.Path(workdir)
+    self.manager = _manager(workdir, every=every, keep=keep, async_save=async_save)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def reached_preemption(self, step: int) -> bool:
+    """True at the step all hosts agreed to save at after a preemption notice."""
+    return self.manager.reached_preemption(step)
+
+  def should_save(self, step: int) -> bool:
+    return self.manager.should_save(step)
+
+  def save(self, step: int, state, data_state: Mapping[str, Any], *, force: bool = False) -> bool:
+    """Starts an (async) save; arrays are copied to host before it returns, so
+    the caller may donate the buffers to the next step right away."""
+    if step in self.manager.all_steps():
+      return False
+    args = ocp.args.Composite(
+        trainable=ocp.args.StandardSave(state.trainable),
+        train_state=ocp.args.StandardSave(_rest(state)),
+        data=ocp.args.JsonSave(dict(data_state)))
+    return self.manager.save(step, args=args, force=force)
+
+  def restore(self, step: int, abstract_state) -> tuple[Any, dict[str, Any]]:
+    """Restores into the structure, dtypes and shardings of `abstract_state`
+    (a TrainState of jax.ShapeDtypeStruct with .sharding)."""
+    args = ocp.args.Composite(
+        trainable=ocp.args.StandardRestore(abstract_state.trainable),
+        train_state=ocp.args.StandardRestore(_rest(abstract_state)),
+        data=ocp.args.JsonRestore())
+    out = self.manager.restore(step, args=args)
+    state = abstract_state._replace(trainable=out["trainable"], **out["train_state"])
+    return state, dict(out["data"] or {})
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _rest(state) -> dict[str, Any]:
+  return {k: getattr(state, k) for k in state._fields if k != "trainable"}
+
+
+def load_latest_adapters(workdir: str | epath.Path,
+                         step: int | None = None) -> tuple[Any, dict[str, Any]] | None:
+  """(trainable params as numpy, saved config dict) from the latest (or given)
+  checkpoint in `workdir`, or None when it has none. Works on any device
+  layout: arrays are restored onto this host, not the devices that saved them."""
+  ckpt_dir = epath.Path(workdir) / CHECKPOINT_DIR
+  if not ckpt_dir.exists():
+    return None
+  manager = _manager(workdir, create=False, async_save=False)
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      return None
+    meta = manager.item_metadata(step)["trainable"]
+    tree = getattr(meta, "tree", meta)
+    device = jax.local_devices(backend="cpu")[0]
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                       sharding=jax.sharding.SingleDeviceSharding(device)),
+        tree, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+    out = manager.restore(step, args=ocp.args.Composite(
+        trainable=ocp.args.StandardRestore(target)))
+    trainable = jax.tree.map(np.asarray, out["trainable"])
+  finally:
+    manager.close()
+  return trainable, read_config(workdir) or {}

@@ -1,0 +1,254 @@
+"""`fit`: the training loop around the jit step.
+
+Builds the mesh, places the frozen model and the adapters, restores the
+latest checkpoint of the workdir, runs the step (compiled once for the whole
+run), logs to a tqdm bar and TensorBoard (process 0 only), saves checkpoints
+(interval, preemption, SIGTERM, end) and stops after `train.max_bad_steps`
+consecutive non-finite steps.
+
+The batch for step s must be a pure function of (seed, s) with the same
+shapes every step: resuming then replays exactly the data of an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from etils import epath
+
+from semsafe_jax.train import checkpoint as ckpt_lib
+from semsafe_jax.train import sharding
+from semsafe_jax.train import step as step_lib
+
+Params = Any
+BatchFn = Callable[[int], Any]
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class Preempted(SystemExit):
+  """Raised after saving a checkpoint on SIGTERM or a preemption notice, so the
+  job stops instead of reporting on a half-trained model. Re-run to resume."""
+
+
+class _SigtermFlag:
+  """Turns SIGTERM into a flag checked between steps (single-process runs; on
+  several processes JAX's preemption service owns SIGTERM and orbax reports a
+  step that every host agrees to save at)."""
+
+  def __init__(self, enabled: bool):
+    self.raised = False
+    self._old = None
+    self._enabled = enabled and threading.current_thread() is threading.main_thread()
+
+  def __enter__(self):
+    if self._enabled:
+      self._old = signal.signal(signal.SIGTERM, self._handler)
+    return self
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._enabled:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _micro_batches(batch_fn: BatchFn, step: int, accum: int) -> Any:
+  """Micro-batches of optimizer step `step`, stacked on a leading axis."""
+  if accum == 1:
+    return batch_fn(step)
+  micro = [batch_fn(step * accum + k) for k in range(accum)]
+  return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *micro)
+
+
+def _data_state(batch_fn: BatchFn, step: int) -> dict[str, Any]:
+  state = {"next_step": int(step)}
+  if hasattr(batch_fn, "state_dict"):
+    state["sampler"] = batch_fn.state_dict()
+  return state
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+                      tree, shardings)
+
+
+class _Logger:
+  """TensorBoard scalars + tqdm bar on process 0; silent elsewhere."""
+
+  def __init__(self, workdir: epath.Path, start: int, total: int, enabled: bool,
+               progress: bool):
+    self.writer = None
+    self.bar = None
+    if not enabled:
+      return
+    try:
+      from tensorboardX import SummaryWriter
+      self.writer = SummaryWriter(str(workdir / "tensorboard"))
+    except Exception as e:  # logging must never kill a run
+      logging.warning("TensorBoard logging disabled: %s", e)
+    if progress:
+      from tqdm.auto import tqdm
+      self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+
+  def step(self, m: Mapping[str, float], log: bool) -> None:
+    if self.bar is not None:
+      shown = {k: f"{v:.4g}" for k, v in m.items()
+               if k == "loss" or k.startswith("l_") or k == "bad_total" and v}
+      self.bar.set_postfix(shown, refresh=False)
+      self.bar.update(1)
+    if log:
+      s = int(m["step"])
+      if self.writer is not None:
+        for k, v in m.items():
+          if k != "step":
+            self.writer.add_scalar(f"train/{k}", v, s)
+      if self.bar is None and sharding.is_primary():
+        logging.info("step %d: %s", s, ", ".join(f"{k}={v:.4g}" for k, v in m.items()
+                                                  if k != "step"))
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+    if self.writer is not None:
+      self.writer.close()
+
+
+def fit(loss_fn: step_lib.LossFn, init_trainable: Params, batch_fn: BatchFn, config,
+        workdir: str, *, frozen: Any = None,
+        frozen_axes: Mapping[str, Sequence[str]] | None = None,
+        mesh: jax.sharding.Mesh | None = None) -> tuple[Params, list[dict[str, float]]]:
+  """Trains `init_trainable` to `config.train.steps` steps; resumes if W has a checkpoint.
+
+  Args:
+    loss_fn: `(trainable, frozen, batch, rng) -> (loss, metrics)`, pure and
+      jit-able; metrics a dict of scalars (shown on the bar: keys "l_*").
+    init_trainable: adapter params (cast to float32), used on a fresh start.
+    batch_fn: `step -> batch` (pytree of numpy arrays, fixed shapes), a pure
+      function of (seed, step) returning the GLOBAL batch; every process calls
+      it and feeds its own slice. Leading dims divisible by data*fsdp are
+      split over devices, other leaves replicated. With `train.grad_accum`
+      A > 1 it is called for micro-steps step*A .. step*A+A-1. Optional
+      `state_dict()` / `load_state_dict(d)` are checkpointed with the run.
+    config: the experiment ConfigDict (uses seed, multihost, train.*,
+      checkpoint.*, overwrite).
+    workdir: run directory (local path or gs://...).
+    frozen: pytree passed to loss_fn unchanged (base params, aux arrays).
+    frozen_axes: 'a/b/c' path -> logical axes for frozen leaves (e.g.
+      `sharding.model_logical_axes(model_cfg)`); other leaves are replicated.
+    mesh: defaults to `sharding.make_mesh(config.train.mesh)` over all devices.
+
+  Returns:
+    (final trainable params as replicated jax.Arrays, history: one dict of
+    float metrics per step run in this process).
+
+  Raises:
+    NonFiniteError: after `train.max_bad_steps` consecutive skipped steps.
+    Preempted: after saving on SIGTERM / a preemption notice.
+    checkpoint.ConfigMismatchError: W holds a run with another config.
+  """
+  sharding.initialize_distributed(config)
+  tc = config.train
+  workdir = epath.Path(workdir)
+  ckpt_lib.prepare_workdir(workdir, config)
+  mesh = mesh or sharding.make_mesh(dict(tc.get("mesh", {}) or {}))
+  rules = sharding.get_rules(tc.get("sharding", "replicate"))
+  accum = int(tc.get("grad_accum", 1))
+  total = int(tc.steps)
+  primary = sharding.is_primary()
+
+  optimizer, schedule = step_lib.make_optimizer(tc)
+  frozen = sharding.place_tree(frozen, mesh, rules, frozen_axes)
+  # Adapters and optimizer state are small: replicated everywhere.
+  state0 = jax.eval_shape(lambda t: step_lib.init_state(t, optimizer, config.seed),
+                          init_trainable)
+  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), state0)
+  abstract = _abstract(state0, state_sharding)
+
+  checkpointer = ckpt_lib.Checkpointer(workdir, every=config.checkpoint.every,
+                                       keep=config.checkpoint.keep,
+                                       async_save=config.checkpoint.get("async_save", True))
+  start = checkpointer.latest_step()
+  if start is not None:
+    state, data_state = checkpointer.restore(start, abstract)
+    if hasattr(batch_fn, "load_state_dict") and "sampler" in data_state:
+      batch_fn.load_state_dict(data_state["sampler"])
+    logging.info("Resumed %s at step %d.", workdir, start)
+  else:
+    start = 0
+    init = jax.jit(lambda t: step_lib.init_state(t, optimizer, config.seed),
+                   out_shardings=state_sharding)
+    state = init(init_trainable)
+
+  train_step = step_lib.TrainStep(loss_fn, optimizer, schedule, grad_accum=accum,
+                                  state_sharding=state_sharding,
+                                  metrics_sharding=sharding.replicated(mesh),
+                                  donate=tc.get("donate", True))
+  log_every = max(int(tc.log_every), 1)
+  max_bad = int(tc.max_bad_steps)
+  logger = _Logger(workdir, start, total, primary, tc.get("progress", True))
+  history: list[dict[str, float]] = []
+  batch_dim = 1 if accum > 1 else 0
+  sigterm = _SigtermFlag(config.checkpoint.get("save_on_sigterm", True)
+                         and jax.process_count() == 1)
+
+  def finish(pending) -> None:
+    """Reads one step's metrics (blocks on it) and acts on them."""
+    m = {k: float(v) for k, v in jax.device_get(pending).items()}
+    history.append(m)
+    s = int(m["step"])
+    logger.step(m, log=(s % log_every == 0 or s == total))
+    if m["skipped"]:
+      logging.warning("Step %d skipped: non-finite loss or gradient (%d in a row).",
+                      s, int(m["bad_consecutive"]))
+    if m["bad_consecutive"] >= max_bad:
+      checkpointer.wait()
+      latest = checkpointer.latest_step()
+      raise NonFiniteError(
+          f"Stopped at step {s}: {int(m['bad_consecutive'])} consecutive steps had a "
+          f"non-finite loss or gradient (train.max_bad_steps={max_bad}); their updates "
+          f"were skipped. Last checkpoint: step {latest} in {workdir / ckpt_lib.CHECKPOINT_DIR} "
+          "(intact). Lower train.lr, check the data, or use bfloat16-safe settings.")
+
+  t0 = time.time()
+  try:
+    with sigterm:
+      pending = None
+      for s in range(start, total):
+        batch = sharding.shard_batch(_micro_batches(batch_fn, s, accum), mesh, batch_dim)
+        state, metrics = train_step(state, frozen, batch)
+        # Read the previous step's metrics only now, so the host prepares the
+        # next batch while the device computes.
+        if pending is not None:
+          finish(pending)
+        pending = metrics
+        done = s + 1
+        preempt = sigterm.raised or checkpointer.reached_preemption(done)
+        if done == total or preempt or checkpointer.should_save(done):
+          finish(pending)  # never checkpoint a step the bad-step check has not seen
+          pending = None
+          checkpointer.save(done, state, _data_state(batch_fn, done), force=True)
+        if preempt:
+          checkpointer.wait()
+          raise Preempted(f"Preempted: saved step {done} in {workdir}; re-run to resume.")
+      if pending is not None:
+        finish(pending)
+  finally:
+    checkpointer.close()  # waits for in-flight async saves
+    logger.close()
+  if total > start:
+    logging.info("Trained steps %d..%d in %.1fs (%d step traces).", start, total,
+                 time.time() - t0, train_step.trace_count)
+  return state.trainable, history

@@ -1,0 +1,118 @@
+"""PairBatcher: static shapes, valid shard-local pairs, batches a pure function of (seed, step)."""
+
+import numpy as np
+import pytest
+
+from semsafe_jax.data import neighbors
+from semsafe_jax.data.batches import PairBatcher
+from semsafe_jax.data.schema import DataError
+
+TAU = 0.7
+
+
+def unit(x):
+  return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def data():
+  """60 harmful intents x 5 close phrasings (rows 0..299), 100 benign rows (300..399)."""
+  rng = np.random.default_rng(0)
+  centres = unit(rng.standard_normal((60, 32)))
+  harmful = unit(np.repeat(centres, 5, axis=0) + 0.45 * unit(rng.standard_normal((300, 32))))
+  emb = np.concatenate([harmful, unit(rng.standard_normal((100, 32)))])
+  labels = ["harmful"] * 300 + ["benign"] * 100
+  nb, _ = neighbors.mine_neighbors(emb, 8, TAU, labels=labels)
+  train = np.array([i for i in range(300) if i % 5 != 4 and i < 250])  # rest: held out
+  return emb, nb, train, np.arange(300, 350)
+
+
+def make(data, **kw):
+  emb, nb, train, benign = data
+  args = dict(harmful_per_step=16, benign_per_step=8, pairs_per_step=24, num_shards=1, seed=7)
+  return PairBatcher(train, benign, nb, TAU, **{**args, **kw})
+
+
+def test_shapes_are_static(data):
+  batcher = make(data, num_shards=2)
+  for step in range(20):
+    b = batcher.batch(step)
+    assert b.harmful_idx.shape == (16,) and b.harmful_idx.dtype == np.int32
+    assert b.benign_idx.shape == (8,) and b.benign_idx.dtype == np.int32
+    assert b.pair_index.shape == (24, 2) and b.pair_index.dtype == np.int32
+    assert b.pair_weight.shape == (24,) and b.pair_weight.dtype == np.float32
+    assert b.pair_valid.shape == (24,) and b.pair_valid.dtype == bool
+
+
+def test_valid_pairs_are_in_batch_train_and_above_tau(data):
+  emb, _, train, benign = data
+  batcher = make(data)
+  total_valid = 0
+  for step in range(50):
+    b = batcher.batch(step)
+    assert set(b.harmful_idx) <= set(train) and set(b.benign_idx) <= set(benign)
+    assert len(set(b.harmful_idx)) == len(b.harmful_idx)  # no repeats while the pool allows
+    pos = b.pair_index[b.pair_valid]
+    assert ((pos >= 0) & (pos < 16)).all()
+    rows_a, rows_b = b.harmful_idx[pos[:, 0]], b.harmful_idx[pos[:, 1]]
+    assert (rows_a != rows_b).all()
+    cos = np.sum(emb[rows_a] * emb[rows_b], axis=1)
+    assert (cos > TAU - 1e-5).all()
+    np.testing.assert_allclose(b.pair_weight[b.pair_valid], cos, atol=1e-5)
+    assert (b.pair_weight[~b.pair_valid] == 0).all()
+    total_valid += len(pos)
+  assert total_valid / 50 > 4  # the batches actually carry consistency pairs
+
+
+def test_same_batch_after_resume(data):
+  before = make(data, num_shards=2)
+  expected = [before.batch(s) for s in range(10)]
+  resumed = make(data, num_shards=2)  # a new process after a restart at step 5
+  for s in range(5, 10):
+    got = resumed.batch(s)
+    for field in ("harmful_idx", "benign_idx", "pair_index", "pair_weight", "pair_valid"):
+      np.testing.assert_array_equal(getattr(got, field), getattr(expected[s], field))
+  it = resumed.batches(start_step=7)
+  np.testing.assert_array_equal(next(it).harmful_idx, expected[7].harmful_idx)
+  assert not np.array_equal(expected[0].harmful_idx, expected[1].harmful_idx)
+  other_seed = make(data, num_shards=2, seed=8).batch(0)
+  assert not np.array_equal(other_seed.harmful_idx, expected[0].harmful_idx)
+
+
+@pytest.mark.parametrize("shards", [1, 2, 4])
+def test_pairs_never_cross_shards(data, shards):
+  batcher = make(data, num_shards=shards)
+  shard_size, pairs_per_shard = 16 // shards, 24 // shards
+  for step in range(30):
+    b = batcher.batch(step)
+    shard_of_pair = np.arange(24) // pairs_per_shard
+    # Padding included: every pair row points into its own shard's block.
+    assert (b.pair_index // shard_size == shard_of_pair[:, None]).all()
+    assert ((b.pair_index_local >= 0) & (b.pair_index_local < shard_size)).all()
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(harmful_per_step=18, num_shards=4), "harmful_per_step=18 must be a non-negative multiple"),
+    (dict(pairs_per_step=10, num_shards=4), "pairs_per_step=10 must be a non-negative multiple"),
+    (dict(benign_per_step=6, num_shards=4), "benign_per_step=6"),
+    (dict(num_shards=0), "num_shards=0"),
+])
+def test_divisibility_errors(data, kw, match):
+  with pytest.raises(DataError, match=match):
+    make(data, **kw)
+
+
+def test_no_pairs_still_gives_static_batches():
+  rng = np.random.default_rng(1)
+  emb = unit(rng.standard_normal((40, 64)))  # random: no pair above tau
+  nb, _ = neighbors.mine_neighbors(emb, 4, TAU)
+  b = PairBatcher(np.arange(30), np.arange(30, 40), nb, TAU, harmful_per_step=8,
+                  benign_per_step=4, pairs_per_step=8).batch(0)
+  assert b.pair_index.shape == (8, 2) and not b.pair_valid.any()
+
+
+def test_higher_batch_tau_filters_pairs(data):
+  emb, nb, train, benign = data
+  b = PairBatcher(train, benign, nb, 0.85, harmful_per_step=16, benign_per_step=8,
+                  pairs_per_step=24).batch(0)
+  assert (b.pair_weight[b.pair_valid] > 0.85).all()
