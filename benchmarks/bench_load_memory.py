@@ -72,12 +72,17 @@ def _run(loader: str, source: str, dtype: str, hf_dir: str) -> dict:
 def _write_hf_dir(d: pathlib.Path) -> None:
   """SmolLM2 as a float32 safetensors checkpoint (via transformers' GGUF loader)."""
   code = (
-      "import torch, transformers as tf, sys\n"
+      "import json, pathlib, sys, torch, transformers as tf\n"
+      "from safetensors.torch import save_file\n"
       "from semsafe_jax.models import registry\n"
       "p, _ = registry.embedded_gguf_path('smollm2-135m-instruct')\n"
       "m = tf.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, "
       "dtype=torch.float32)\n"
-      "m.save_pretrained(sys.argv[1])\n")
+      "d = pathlib.Path(sys.argv[1]); d.mkdir(parents=True)\n"
+      "cfg = m.config.to_dict(); cfg.pop('quantization_config', None)\n"
+      "(d / 'config.json').write_text(json.dumps(cfg))\n"
+      "sd = {k: v.contiguous() for k, v in m.state_dict().items() if k != 'lm_head.weight'}\n"
+      "save_file(sd, str(d / 'model.safetensors'), metadata={'format': 'pt'})\n")
   subprocess.run([sys.executable, "-c", code, str(d)], check=True, capture_output=True)
 
 

@@ -27,7 +27,8 @@ def adapter_cfg(**kw):
 
 @pytest.fixture(scope="module")
 def base():
-  return transformer.init_params(TINY, jax.random.key(0))
+  # One compiled init instead of one eager op per parameter shape.
+  return jax.jit(transformer.init_params, static_argnums=0)(TINY, jax.random.key(0))
 
 
 def ids(B=2, T=7, seed=1):

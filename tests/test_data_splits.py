@@ -101,7 +101,7 @@ def test_linked_intents_move_together_and_are_reported():
 
 def test_at_least_one_phrasing_stays_in_train():
   prompts, emb = synthetic(phrasings=2)
-  s, _ = split(prompts, emb, heldout_phrasing_frac=0.9)
+  s, _ = split(prompts, emb, heldout_phrasing_frac=0.9, exclude_near_eval_only=False)
   intent = np.array([p.intent_id for p in prompts])
   train = set(intent[s["train"]])
   assert all(i in train for i in intent[s["heldout_phrasing"]])
@@ -125,7 +125,16 @@ def test_xstest_never_enters_training():
   for name in splits.TRAIN_SPLITS:
     assert not xs & set(s[name]), name
   assert xs == set(s["eval_only_harmful"]) | set(s["eval_only_borderline"])
-  assert report["max_cos_train_vs_eval_only"] > 0.99  # reported, since they copy train rows
+  # The XSTest rows copy three builtin prompts: those leave training too.
+  assert report["max_cos_train_vs_eval_only"] < TAU
+  excluded = s["excluded_near_eval_only"]
+  assert len(excluded) > 0
+  intent = np.array([p.intent_id for p in prompts])
+  assert set(intent[s["heldout_phrasing"]]) <= set(intent[s["train"]])  # still "seen" intents
+  assert ((emb[excluded] @ emb[sorted(xs)].T).max(1) >= TAU).all()  # only near ones
+  assert report["excluded_near_eval_only"]["count"] == len(excluded)
+  s_off, report_off = split(prompts, emb, exclude_near_eval_only=False)
+  assert report_off["max_cos_train_vs_eval_only"] > 0.99 and not len(s_off["excluded_near_eval_only"])
   # The enforced rule: a training split holding XSTest rows is an error.
   with pytest.raises(DataError, match="eval-only.*xstest"):
     check_trainable(prompts, list(s["train"]) + [min(xs)])

@@ -45,16 +45,15 @@ class WordTokenizer:
 
 @pytest.fixture(scope="module")
 def base():
-  return transformer.init_params(TINY, jax.random.key(0))
+  # One compiled init instead of one eager op per parameter shape.
+  return jax.jit(transformer.init_params, static_argnums=0)(TINY, jax.random.key(0))
 
 
 def trained_adapters(base):
   """Non-trivial adapters (so every adapter leaf has a gradient path)."""
+  rng = np.random.default_rng(2)
   ad = A.init_adapters(ACFG, TINY, base, jax.random.key(1))
-  leaves, tree = jax.tree.flatten(ad)
-  keys = jax.random.split(jax.random.key(2), len(leaves))
-  return jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
-                                   for k, x in zip(keys, leaves)])
+  return jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape, np.float32), ad)
 
 
 def assert_grads_reach_adapters(grads, parts=("lora", "embed_mlp")):
@@ -104,7 +103,7 @@ def test_first_token_refusal_beats_compliance_and_grads(base):
     logits = A.adapted_forward(base, a, TINY, ACFG, x).logits[:, -1]
     return S.first_token_refusal_prob(logits, ids, w).sum()
 
-  assert_grads_reach_adapters(jax.grad(score)(ad))
+  assert_grads_reach_adapters(jax.jit(jax.grad(score))(ad))
 
 
 @pytest.mark.skipif(not glob.glob(os.path.join(
@@ -162,14 +161,20 @@ def test_soft_pattern_model_path_matches_manual(base):
   ph = jnp.array([[40, 41, 42], [50, 51, 0]])
   pm = jnp.array([[1, 1, 1], [1, 1, 0]], bool)
   got = S.soft_pattern_refusal_prob(base, TINY, ids, prompt_end, ph, pm)
+  # Reference: each prompt + phrase as its own right-padded sequence.
+  seqs = [list(np.asarray(ids[b, :prompt_end[b] + 1])) + list(np.asarray(ph[r][pm[r]]))
+          for b in range(2) for r in range(2)]
+  x = np.zeros((4, 8), np.int32)
+  m = np.zeros((4, 8), bool)
+  for i, sq in enumerate(seqs):
+    x[i, :len(sq)], m[i, :len(sq)] = sq, True
+  lp = jax.nn.log_softmax(transformer.forward(base, TINY, x, attention_mask_BxS=m).logits, -1)
   for b in range(2):
     per = []
     for r in range(2):
-      seq = list(np.asarray(ids[b, :prompt_end[b] + 1])) + list(np.asarray(ph[r][pm[r]]))
-      lp = jax.nn.log_softmax(transformer.forward(base, TINY, jnp.array([seq])).logits[0], -1)
-      n = int(pm[r].sum())
-      start = int(prompt_end[b])
-      per.append(np.mean([lp[start + j, seq[start + j + 1]] for j in range(n)]))
+      sq, start = seqs[2 * b + r], int(prompt_end[b])
+      per.append(np.mean([lp[2 * b + r, start + j, sq[start + j + 1]]
+                          for j in range(int(pm[r].sum()))]))
     np.testing.assert_allclose(got[b], np.mean(np.exp(per)), rtol=2e-4)
 
 
@@ -232,7 +237,7 @@ def test_classifier_training_and_scores(base):
     logits = A.adapted_forward(base, a, TINY, ACFG, ids).logits
     return S.classifier_score(clf, logits, jnp.ones(ids.shape, bool), emb).sum()
 
-  assert_grads_reach_adapters(jax.grad(score)(ad))
+  assert_grads_reach_adapters(jax.jit(jax.grad(score))(ad))
 
 
 def test_classifier_save_load(tmp_path):
@@ -260,6 +265,7 @@ def test_probe_score_and_grads(base):
   assert set(probe) == {"w", "b", "mu", "sd", "layer"}
   layer = int(probe["layer"])
 
+  @jax.jit
   def score(a, x, m):
     out = A.adapted_forward(base, a, TINY, ACFG, x, attention_mask_BxS=m,
                             output_hidden_states=True, compute_logits=False)
@@ -268,12 +274,11 @@ def test_probe_score_and_grads(base):
   fresh = A.init_adapters(ACFG, TINY, base, jax.random.key(1))
   p = score(fresh, jnp.asarray(ids), jnp.asarray(masks))
   assert np.all(p[:12] > 0.5) and np.all(p[12:] < 0.5)
-  g = jax.grad(lambda a: score(a, jnp.asarray(ids[:2]), jnp.asarray(masks[:2])).sum())(
+  # A logistic probe is sigmoid(standardised features . w + b).
+  f = P.pooled_hidden_states(base, TINY, ids, masks, batch_size=24)[layer]
+  want = 1 / (1 + np.exp(-(((f - probe["mu"]) / probe["sd"]) @ probe["w"] + probe["b"])))
+  np.testing.assert_allclose(p, want, rtol=1e-4)
+  g = jax.jit(jax.grad(lambda a: score(a, jnp.asarray(ids), jnp.asarray(masks)).sum()))(
       trained_adapters(base))
   # The embedding MLP always feeds the probed layer; LoRA only past layer 0.
   assert_grads_reach_adapters(g, parts=("embed_mlp",) + (("lora",) if layer > 0 else ()))
-  # A logistic probe is sigmoid(standardised features . w + b).
-  f = P.pooled_hidden_states(base, TINY, ids[:3], masks[:3])[layer]
-  want = 1 / (1 + np.exp(-(((f - probe["mu"]) / probe["sd"]) @ probe["w"] + probe["b"])))
-  np.testing.assert_allclose(score(fresh, jnp.asarray(ids[:3]), jnp.asarray(masks[:3])), want,
-                             rtol=1e-4)

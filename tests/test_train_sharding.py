@@ -7,55 +7,56 @@ from jax.sharding import PartitionSpec as P
 import test_train_toy as toy
 from semsafe_jax.train import sharding
 
-_CHECK_8_DEVICES = r"""
+# Runs in a subprocess with 8 emulated CPU devices: placement checks, then the
+# reference run under two meshes. Results go to the .npz named in argv[1].
+_ON_8_DEVICES = r"""
+import sys
 import jax, numpy as np
 import test_train_toy as toy
 from semsafe_jax.train import sharding
+P = jax.sharding.PartitionSpec
 assert jax.device_count() == 8
 mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "model": 2})
 axes = sharding.model_logical_axes(toy.CFG)
 placed = sharding.place_tree(toy.frozen_params(), mesh, sharding.get_rules("fsdp_tensor"), axes)
 q = placed["layers"]["attn"]["q_proj"]["kernel"]
-assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "model"), q.sharding.spec
+assert q.sharding.spec == P(None, "fsdp", "model"), q.sharding.spec
 assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (2, 16, 16)
 b = sharding.shard_batch({"ids": np.zeros((8, 5), np.int32), "w": np.zeros((3,))}, mesh)
-assert b["ids"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+assert b["ids"].sharding.spec == P(("data", "fsdp"))
 assert b["ids"].addressable_shards[0].data.shape == (2, 5)
 assert b["w"].sharding.is_fully_replicated
-print("PLACEMENT_OK")
+
+out = {}
+runs = {"dp": ({"data": -1}, "replicate"),
+        "fsdp_tp": ({"data": 2, "fsdp": 2, "model": 2}, "fsdp_tensor")}
+for name, (shape, rules) in runs.items():
+  c = toy.toy_config(toy.STRAIGHT_STEPS, sharding=rules)
+  c.train.mesh.update(shape)
+  params, history = toy.run(f"{sys.argv[2]}/{name}", c, frozen_axes=axes)
+  out[f"{name}_params"] = toy.flat(params)
+  out[f"{name}_loss"] = np.array([h["loss"] for h in history])
+np.savez(sys.argv[1], **out)
 """
-
-
-def _run_8_devices(tmp_path, name, *args):
-  out = tmp_path / f"{name}.npz"
-  proc = toy.start_cli(["--workdir", str(tmp_path / name), "--out", str(out),
-                        "--steps", str(toy.STRAIGHT_STEPS), *args], devices=8)
-  log, _ = proc.communicate(timeout=600)
-  assert proc.returncode == 0, log
-  return np.load(out)
 
 
 def test_8_devices_match_1_device(tmp_path):
   ref = toy.straight_run()  # this process: one CPU device
   assert jax.device_count() == 1
+  out = tmp_path / "out.npz"
+  proc = toy.subprocess.run([toy.sys.executable, "-c", _ON_8_DEVICES, str(out), str(tmp_path)],
+                            env=toy.subprocess_env(8), capture_output=True, text=True,
+                            timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  got = np.load(out)
   ref_loss = np.array([h["loss"] for h in ref["history"]])
   # Pure data parallel, and data x fsdp x model with the frozen model sharded.
-  for name, args in [("dp", []),
-                     ("fsdp_tp", ["--mesh", "data=2,fsdp=2,model=2",
-                                  "--sharding", "fsdp_tensor"])]:
-    got = _run_8_devices(tmp_path, name, *args)
-    assert int(got["devices"]) == 8
-    np.testing.assert_allclose(got["loss"], ref_loss, atol=1e-5, rtol=0, err_msg=name)
-    np.testing.assert_allclose(got["params"], ref["params"], atol=1e-5, rtol=0, err_msg=name)
-    # The adapters moved: the comparison is not vacuous.
-    assert np.abs(got["params"] - toy.flat(toy.init_trainable())).max() > 1e-3
-
-
-def test_placement_on_8_devices():
-  proc = toy.subprocess.run([toy.sys.executable, "-c", _CHECK_8_DEVICES],
-                            env=toy.subprocess_env(8), capture_output=True, text=True,
-                            timeout=300)
-  assert "PLACEMENT_OK" in proc.stdout, proc.stdout + proc.stderr
+  for name in ("dp", "fsdp_tp"):
+    np.testing.assert_allclose(got[f"{name}_loss"], ref_loss, atol=1e-5, rtol=0, err_msg=name)
+    np.testing.assert_allclose(got[f"{name}_params"], ref["params"], atol=1e-5, rtol=0,
+                               err_msg=name)
+  # The adapters moved: the comparison is not vacuous.
+  assert np.abs(ref["params"] - toy.flat(toy.init_trainable())).max() > 1e-3
 
 
 def test_make_mesh_and_rules():

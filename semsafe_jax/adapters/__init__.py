@@ -37,7 +37,8 @@ def _get(cfg: Any, name: str, default: Any = None) -> Any:
 
 
 def lora_scale(adapter_cfg: Any) -> float:
-  return float(_get(adapter_cfg, "lora_alpha", 16.0)) / max(int(_get(adapter_cfg, "lora_rank", 8)), 1)
+  rank = max(int(_get(adapter_cfg, "lora_rank", 8)), 1)
+  return float(_get(adapter_cfg, "lora_alpha", 16.0)) / rank
 
 
 def init_adapters(adapter_cfg: Any, model_cfg: ModelConfig, params: Params | None,

@@ -43,11 +43,16 @@ def apply_embed_mlp(p: Params, x_BxTxD: jax.Array) -> jax.Array:
   return (x + y).astype(x_BxTxD.dtype)
 
 
+def _embed(embed_mlp: Params | None, params: Params, cfg: ModelConfig,
+           ids_BxT: jax.Array) -> jax.Array:
+  x = transformer.embed(params, cfg, ids_BxT)
+  return x if embed_mlp is None else apply_embed_mlp(embed_mlp, x)
+
+
 def embed_fn_for(embed_mlp: Params | None) -> EmbedFn:
-  """`embed_fn(params, cfg, ids_BxT)` = model embedding followed by the MLP (if any)."""
+  """`embed_fn(params, cfg, ids_BxT)` = model embedding followed by the MLP (if any).
 
-  def embed_fn(params: Params, cfg: ModelConfig, ids_BxT: jax.Array) -> jax.Array:
-    x = transformer.embed(params, cfg, ids_BxT)
-    return x if embed_mlp is None else apply_embed_mlp(embed_mlp, x)
-
-  return embed_fn
+  A `jax.tree_util.Partial`: the MLP weights are pytree leaves, so a jitted
+  caller (generation) traces them instead of baking them in as constants.
+  """
+  return jax.tree_util.Partial(_embed, embed_mlp)

@@ -141,14 +141,17 @@ class PairBatcher:
 def _train_graph(train_rows: np.ndarray, nb: Neighbors, tau: float
                  ) -> tuple[dict[int, np.ndarray], dict[tuple[int, int], float]]:
   """Symmetric neighbour lists and pair cosines restricted to training prompts, > tau."""
-  is_train = np.zeros(nb.neighbors_NxK.shape[0], bool)
-  is_train[train_rows] = True
+  is_train_N = np.zeros(nb.neighbors_NxK.shape[0], bool)
+  is_train_N[train_rows] = True
+  nbrs_TxK, sims_TxK = nb.neighbors_NxK[train_rows], nb.sims_NxK[train_rows]
+  keep_TxK = (nb.valid_NxK[train_rows] & (sims_TxK > tau) & (nbrs_TxK >= 0)
+              & is_train_N[np.maximum(nbrs_TxK, 0)] & (nbrs_TxK != train_rows[:, None]))
+  a_M = np.broadcast_to(train_rows[:, None], nbrs_TxK.shape)[keep_TxK]
+  b_M = nbrs_TxK[keep_TxK].astype(np.int64)
   pair_sim: dict[tuple[int, int], float] = {}
-  for a in train_rows:
-    for b, s, v in zip(nb.neighbors_NxK[a], nb.sims_NxK[a], nb.valid_NxK[a]):
-      if v and s > tau and b != a and b >= 0 and is_train[b]:
-        key = (min(int(a), int(b)), max(int(a), int(b)))
-        pair_sim[key] = max(pair_sim.get(key, -1.0), float(s))
+  for a, b, s in zip(np.minimum(a_M, b_M).tolist(), np.maximum(a_M, b_M).tolist(),
+                     sims_TxK[keep_TxK].tolist()):
+    pair_sim[(a, b)] = max(pair_sim.get((a, b), -1.0), s)  # both directions may be mined
   adj: dict[int, list[int]] = {}
   for a, b in pair_sim:
     adj.setdefault(a, []).append(b)

@@ -12,7 +12,7 @@ import pathlib
 
 from absl import logging
 
-from semsafe_jax.data.loaders import read_prompt_table
+from semsafe_jax.data.loaders import LoadResult, read_prompt_table
 from semsafe_jax.data.schema import DataError, Prompt
 
 PROMPTS_FILE = "prompts.jsonl"
@@ -40,10 +40,15 @@ def builtin_available() -> bool:
   return importlib.resources.files("semsafe_jax.data").joinpath("builtin", PROMPTS_FILE).is_file()
 
 
-def load_builtin_prompts(on_bad_rows: str = "error") -> list[Prompt]:
-  """All built-in prompts (harmful, benign, borderline) with source 'builtin'."""
+def load_builtin(on_bad_rows: str = "error") -> LoadResult:
+  """The built-in prompts with their load summary (kept / skipped counts)."""
   return read_prompt_table(_read_package_file(PROMPTS_FILE), f"builtin/{PROMPTS_FILE}",
                            source="builtin", on_bad_rows=on_bad_rows)
+
+
+def load_builtin_prompts(on_bad_rows: str = "error") -> list[Prompt]:
+  """All built-in prompts (harmful, benign, borderline) with source 'builtin'."""
+  return load_builtin(on_bad_rows).prompts
 
 
 def parse_refusals(data: bytes, where: str) -> list[Refusal]:

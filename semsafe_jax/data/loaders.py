@@ -209,7 +209,7 @@ class _Ctx:
   default_label: str
 
   def label(self, fallback: str) -> str:
-    return self.options.get("label") or fallback
+    return (self.options.get("label") or fallback).strip().lower()
 
 
 def _s(v: Any) -> str:
@@ -258,7 +258,7 @@ def _generic(r: Mapping[str, Any], n: int, c: _Ctx) -> Prompt:
   def get(field: str) -> str:
     return _s(r.get(c.columns[field]))
 
-  label = c.options.get("label") or get("label").lower() or c.default_label
+  label = (c.options.get("label") or get("label") or c.default_label).lower()
   rid = get("id") or str(n)
   # A source column wins so that re-loading our own prompts.jsonl keeps eval-only
   # sources (xstest) eval-only.
@@ -342,14 +342,14 @@ def _read_file(path: pathlib.Path, kind: str, issues: RowIssues) -> _Table:
 
 
 def read_prompt_table(data: bytes, where: str, *, kind: str = "jsonl", source: str,
-                      id_prefix: str = "", on_bad_rows: str = "error") -> list[Prompt]:
+                      id_prefix: str = "", on_bad_rows: str = "error") -> LoadResult:
   """Reads our own schema (id, text, label, ...) from bytes; used for built-in data."""
   issues = RowIssues(where, on_bad_rows)
   reader = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv}[kind]
   ctx = _Ctx(kind, id_prefix, {"source": source}, dict(DEFAULT_COLUMNS), "")
   prompts = _to_prompts(reader(data, issues), _FORMATS["generic"], ctx, issues)
   issues.log_summary(len(prompts))
-  return prompts
+  return LoadResult(prompts, issues.summary(len(prompts)))
 
 
 def load_source(spec: str | SourceSpec, *, on_bad_rows: str = "error",
@@ -358,9 +358,7 @@ def load_source(spec: str | SourceSpec, *, on_bad_rows: str = "error",
   spec = parse_source(spec) if isinstance(spec, str) else spec
   if spec.kind == "builtin":
     from semsafe_jax.data import builtin  # pylint: disable=g-import-not-at-top; avoids a cycle.
-    prompts = builtin.load_builtin_prompts(on_bad_rows=on_bad_rows)
-    return LoadResult(prompts, {"where": "builtin", "kept": len(prompts), "skipped": 0,
-                                "skipped_by_reason": {}})
+    return builtin.load_builtin(on_bad_rows=on_bad_rows)
   default_label = default_label.strip().lower()
   if spec.kind == "hf":
     where = f"hf:{spec.target}[{spec.options.get('split', 'train')}]"

@@ -88,7 +88,8 @@ def prepare_data(config: Any, workdir: str | os.PathLike[str]) -> PreparedData:
   split_rows, report = splits_lib.make_splits(
       prompts, emb_NxD, tau=cfg.tau, seed=cfg.get("split_seed", 0),
       heldout_intent_frac=cfg.heldout_intent_frac, heldout_phrasing_frac=cfg.heldout_phrasing_frac,
-      eval_frac=cfg.get("eval_frac", 0.5), extra_eval_only=extra_eval_only)
+      eval_frac=cfg.get("eval_frac", 0.5), extra_eval_only=extra_eval_only,
+      exclude_near_eval_only=cfg.get("exclude_near_eval_only", True))
 
   refusal_records = builtin.load_refusals(cfg.get("refusals", "builtin"))
 
@@ -97,7 +98,8 @@ def prepare_data(config: Any, workdir: str | os.PathLike[str]) -> PreparedData:
   _dump_json(workdir / "splits.json", splits_lib.split_ids(prompts, split_rows))
   _dump_json(workdir / "split_report.json", report)
   neighbors.save_stats(stats, workdir / "mining_stats.json", workdir / "mining_stats.png")
-  logging.info("Data prepared in %s:\n%s", workdir, neighbors.format_stats(stats))
+  logging.info("Data prepared in %s: %d prompts, %d train harmful, %d mined pairs", workdir,
+               len(prompts), len(split_rows["train"]), stats["total_pairs"])
   return PreparedData(prompts=prompts, emb_NxD=emb_NxD, neighbors=nb, splits=split_rows,
                       refusals=[r.text for r in refusal_records], refusal_records=refusal_records,
                       mining_stats=stats, split_report=report, workdir=workdir)

@@ -26,7 +26,7 @@ from semsafe_jax.data.schema import DataError, Prompt, check_trainable, eval_onl
 TRAIN_SPLITS = ("train", "train_benign", "train_borderline")
 SPLIT_NAMES = ("train", "heldout_phrasing", "heldout_intent", "train_benign", "eval_benign",
                "train_borderline", "eval_borderline", "eval_only_harmful", "eval_only_benign",
-               "eval_only_borderline")
+               "eval_only_borderline", "excluded_near_eval_only")
 # Separate random streams, so changing one fraction does not reshuffle the others.
 _INTENT_STREAM, _PHRASING_STREAM, _BENIGN_STREAM = 1, 2, 3
 _MAX_REPORTED_LINKS = 200
@@ -76,6 +76,25 @@ def max_cross_cosine(emb_NxD: np.ndarray, rows_a: Sequence[int], rows_b: Sequenc
   return best
 
 
+def _max_cosines(emb_NxD: np.ndarray, rows: Sequence[int], others: Sequence[int]) -> np.ndarray:
+  """For each of `rows`, its largest cosine to any of `others` (exact, FAISS)."""
+  import faiss  # pylint: disable=g-import-not-at-top
+  index = faiss.IndexFlatIP(emb_NxD.shape[1])
+  index.add(np.ascontiguousarray(emb_NxD[np.asarray(others)], dtype=np.float32))
+  sims, _ = index.search(np.ascontiguousarray(emb_NxD[np.asarray(rows)], dtype=np.float32), 1)
+  return sims[:, 0]
+
+
+def _near_examples(prompts: Sequence[Prompt], emb_NxD: np.ndarray, rows: np.ndarray,
+                   others: Sequence[int], limit: int = 20) -> list[list[Any]]:
+  out = []
+  for r in rows[:limit]:
+    sims = emb_NxD[np.asarray(others)] @ emb_NxD[r]
+    j = int(np.argmax(sims))
+    out.append([prompts[r].id, prompts[others[j]].id, round(float(sims[j]), 4)])
+  return out
+
+
 def _stochastic_round(x: float, rng: np.random.Generator) -> int:
   """floor(x) or ceil(x), unbiased: small intents hold out ~frac on average."""
   whole = int(np.floor(x))
@@ -102,8 +121,14 @@ def _link_groups(harmful: list[int], intents: list[str], intent_of: dict[int, in
 
 def make_splits(prompts: Sequence[Prompt], emb_NxD: np.ndarray, *, tau: float, seed: int,
                 heldout_intent_frac: float, heldout_phrasing_frac: float, eval_frac: float = 0.5,
-                extra_eval_only: Iterable[str] = ()) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-  """Splits prompt row indices; returns {split: sorted int64 rows} and a report."""
+                extra_eval_only: Iterable[str] = (), exclude_near_eval_only: bool = True
+                ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """Splits prompt row indices; returns {split: sorted int64 rows} and a report.
+
+  With `exclude_near_eval_only`, would-be training prompts at cosine >= tau to an
+  eval-only prompt (e.g. a built-in near copy of an XSTest prompt) go to
+  `excluded_near_eval_only` instead, so the eval-only sets stay unseen in meaning too.
+  """
   for name, frac in [("heldout_intent_frac", heldout_intent_frac),
                      ("heldout_phrasing_frac", heldout_phrasing_frac), ("eval_frac", eval_frac)]:
     if not 0.0 <= frac < 1.0:
@@ -117,6 +142,12 @@ def make_splits(prompts: Sequence[Prompt], emb_NxD: np.ndarray, *, tau: float, s
     if prompts[i].source in banned:
       splits[f"eval_only_{prompts[i].label}"].append(i)
   harmful = [i for i in by_id if prompts[i].label == "harmful" and prompts[i].source not in banned]
+  eval_only = [i for i in by_id if prompts[i].source in banned]
+  trainable = [i for i in by_id if prompts[i].source not in banned]
+  near: set[int] = set()
+  if exclude_near_eval_only and eval_only and trainable:
+    near = set(np.asarray(trainable)[_max_cosines(emb_NxD, trainable, eval_only) >= tau].tolist())
+  excluded = splits["excluded_near_eval_only"]
 
   # Held-out intents: whole linked groups, chosen in seeded random order.
   intents = sorted({prompts[i].intent_id for i in harmful})
@@ -154,8 +185,18 @@ def make_splits(prompts: Sequence[Prompt], emb_NxD: np.ndarray, *, tau: float, s
       continue
     order = rng.permutation(len(rows))
     n_hold = min(_stochastic_round(heldout_phrasing_frac * len(rows), rng), len(rows) - 1)
-    splits["heldout_phrasing"].extend(rows[j] for j in order[:n_hold])
-    splits["train"].extend(rows[j] for j in order[n_hold:])
+    hold, train = [rows[j] for j in order[:n_hold]], [rows[j] for j in order[n_hold:]]
+    kept = [r for r in train if r not in near]
+    excluded.extend(r for r in train if r in near)
+    if not kept:  # a clean phrasing must stay in train, or the intent is not "seen"
+      clean = [r for r in hold if r not in near]
+      if clean:
+        kept, hold = clean[:1], [r for r in hold if r != clean[0]]
+      else:
+        excluded.extend(hold)
+        hold = []
+    splits["heldout_phrasing"].extend(hold)
+    splits["train"].extend(kept)
 
   rng = np.random.default_rng([seed, _BENIGN_STREAM])
   for label in ("benign", "borderline"):
@@ -163,7 +204,8 @@ def make_splits(prompts: Sequence[Prompt], emb_NxD: np.ndarray, *, tau: float, s
     order = rng.permutation(len(rows))
     n_eval = int(round(eval_frac * len(rows)))
     splits[f"eval_{label}"].extend(rows[j] for j in order[:n_eval])
-    splits[f"train_{label}"].extend(rows[j] for j in order[n_eval:])
+    splits[f"train_{label}"].extend(rows[j] for j in order[n_eval:] if rows[j] not in near)
+    excluded.extend(rows[j] for j in order[n_eval:] if rows[j] in near)
 
   out = {name: np.asarray(sorted(rows), dtype=np.int64) for name, rows in splits.items()}
   for name in TRAIN_SPLITS:
@@ -198,9 +240,13 @@ def make_splits(prompts: Sequence[Prompt], emb_NxD: np.ndarray, *, tau: float, s
       "kept_in_train_groups_too_big": [[intents[i] for i in g] for g in too_big[:20]],
       "max_cos_train_vs_heldout_intent": round(max_cos, 4),
       "max_cos_train_vs_eval_only": round(max_cross_cosine(
-          emb_NxD, out["train"], np.concatenate([out[f"eval_only_{l}"] for l in
-                                                 ("harmful", "benign", "borderline")])), 4),
+          emb_NxD, np.concatenate([out[name] for name in TRAIN_SPLITS]), eval_only), 4),
       "eval_only_sources": sorted(banned),
+      "excluded_near_eval_only": {
+          "count": len(out["excluded_near_eval_only"]),
+          "why": "would-be training prompts at cosine >= tau to an eval-only prompt",
+          "examples": _near_examples(prompts, emb_NxD, out["excluded_near_eval_only"], eval_only),
+      },
   }
   return out, report
 

@@ -26,9 +26,15 @@ def token_kl(logits_p_BxNxV: jax.Array, logits_q_BxNxV: jax.Array) -> jax.Array:
 def capability_loss(adapted_logits_BxNxV: jax.Array, mask_BxN: jax.Array, *,
                     base_logits_BxNxV: jax.Array | None = None,
                     targets_BxN: jax.Array | None = None, kind: str = "kl",
-                    direction: str = "forward") -> jax.Array:
-  """Mean over the masked response tokens of KL or cross-entropy."""
+                    direction: str = "forward", first_token_weight: float = 1.0) -> jax.Array:
+  """Weighted mean over the masked response tokens of KL or cross-entropy.
+
+  Column 0 is each row's first response token. That token decides between
+  answering and refusing, so `first_token_weight` > 1 guards it against
+  over-refusal more than a plain mean over ~50 tokens would.
+  """
   m = mask_BxN.astype(jnp.float32)
+  m = m.at[:, 0].multiply(first_token_weight)
   if kind == "kl":
     base = jax.lax.stop_gradient(base_logits_BxNxV)
     if direction == "forward":

@@ -142,7 +142,7 @@ def phrase_continuation_inputs(ids_BxL: jax.Array, prompt_end_B: jax.Array,
   ids = jnp.concatenate([rep(prompt_BxLp), tile(phrase_ids_RxP)], axis=1).astype(jnp.int32)
   mask = jnp.concatenate([rep(valid_BxLp), tile(phrase_mask_RxP.astype(bool))], axis=1)
   return {"ids": ids, "mask": mask, "targets": tile(phrase_ids_RxP),
-          "target_mask": tile(phrase_mask_RxP.astype(bool)), "prompt_len": Lp}
+          "target_mask": tile(phrase_mask_RxP.astype(bool))}
 
 
 def soft_pattern_logscore(logits_BRxPxV: jax.Array, targets_BRxP: jax.Array,
@@ -176,7 +176,7 @@ def soft_pattern_refusal_prob(params: Params, cfg: ModelConfig, ids_BxL: jax.Arr
   embed_fn = embed_fn or transformer.embed
   out = transformer.forward(params, cfg, inputs_embeds_BxTxD=embed_fn(params, cfg, inp["ids"]),
                             attention_mask_BxS=inp["mask"], compute_logits=False)
-  Lp, P = inp["prompt_len"], phrase_ids_RxP.shape[1]
+  Lp, P = prompt_len or ids_BxL.shape[1], phrase_ids_RxP.shape[1]
   logits = transformer.lm_head(params, cfg, out.hidden[:, Lp - 1:Lp - 1 + P])
   return soft_pattern_prob(logits, inp["targets"], inp["target_mask"], phrase_ids_RxP.shape[0])
 

@@ -67,7 +67,8 @@ def build_aux(loss_cfg: Any, tokenizer: Any = None, *, classifier: Params | None
 def _first_token_logits(params: Params, cfg: ModelConfig, hidden_BxLxD: jax.Array,
                         prompt_end_B: jax.Array) -> jax.Array:
   """[B, V] logits at the last prompt token: the first response token's distribution."""
-  return transformer.lm_head(params, cfg, gather_positions(hidden_BxLxD, prompt_end_B[:, None]))[:, 0]
+  h_Bx1xD = gather_positions(hidden_BxLxD, prompt_end_B[:, None])
+  return transformer.lm_head(params, cfg, h_Bx1xD)[:, 0]
 
 
 def _refusal_prob(scorer: str, *, params: Params, cfg: ModelConfig, aux: Params,
@@ -92,6 +93,10 @@ def _refusal_prob(scorer: str, *, params: Params, cfg: ModelConfig, aux: Params,
   raise ValueError(f"Unknown loss.scorer {scorer!r}; expected one of {SCORERS}")
 
 
+def _count(mask: jax.Array) -> jax.Array:
+  return mask.astype(jnp.float32).sum()
+
+
 def total_loss(adapters: Params, base_params: Params, batch: dict[str, jax.Array], *,
                model_cfg: ModelConfig, adapter_cfg: Any, loss_cfg: Any, aux: Params,
                rng: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -100,7 +105,7 @@ def total_loss(adapters: Params, base_params: Params, batch: dict[str, jax.Array
   w_s = float(cfg_get(loss_cfg, "w_safety", 1.0))
   lam = float(cfg_get(loss_cfg, "lam", 1.0))
   w_c = float(cfg_get(loss_cfg, "w_capability", 1.0))
-  n_max = int(cfg_get(loss_cfg, "max_target_tokens", 64)) or 1 << 30
+  n_max = int(cfg_get(loss_cfg, "max_target_tokens", 48)) or 1 << 30
   repr_kind = cfg_get(loss_cfg, "consistency_repr", "refusal_prob")
   scorer = cfg_get(loss_cfg, "scorer", "first_token")
   layer = int(cfg_get(loss_cfg, "hidden_layer", -1))
@@ -132,6 +137,7 @@ def total_loss(adapters: Params, base_params: Params, batch: dict[str, jax.Array
 
   l_safety = (safety_loss(resp_logits, targets, tmask, batch.get("harm_weight"))
               if w_s != 0.0 else zero)
+  dropped = _count(batch["harm_target_mask"][:, 1:]) - _count(tmask)
 
   l_cons = zero
   if use_cons:
@@ -171,8 +177,13 @@ def total_loss(adapters: Params, base_params: Params, batch: dict[str, jax.Array
       base_logits = transformer.lm_head(bp, cfg, gather_positions(out_base.hidden, b_pos))
     l_cap = capability_loss(logits_b, b_tmask, base_logits_BxNxV=base_logits,
                             targets_BxN=b_targets, kind=kind,
-                            direction=cfg_get(loss_cfg, "kl_direction", "forward"))
+                            direction=cfg_get(loss_cfg, "kl_direction", "forward"),
+                            first_token_weight=float(
+                                cfg_get(loss_cfg, "capability_first_token_weight", 1.0)))
+    dropped += _count(batch["benign_target_mask"][:, 1:]) - _count(b_tmask)
 
   loss = w_s * l_safety + lam * l_cons + w_c * l_cap
+  # Target tokens past loss.max_target_tokens (should stay 0).
+  metrics["targets_dropped"] = dropped
   metrics.update(l_safety=l_safety, l_consistency=l_cons, l_capability=l_cap, l_total=loss)
   return loss, metrics

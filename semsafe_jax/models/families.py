@@ -145,7 +145,6 @@ GGUF_TABLES: dict[str, dict[str, str]] = {
     "qwen3": {**_GGUF_COMMON, **_GGUF_PRE_NORM},
     "gemma3": {**_GGUF_COMMON, **_GGUF_GEMMA3},
 }
-GGUF_IGNORED = re.compile(r"^rope_freqs\.weight$")  # rejected separately (see loading.py)
 
 
 def gguf_to_hf_name(arch: str, name: str) -> str | None:
@@ -168,17 +167,13 @@ def unpermute_rope(w_OxI: np.ndarray, n_heads: int) -> np.ndarray:
   return w.swapaxes(1, 2).reshape(w_OxI.shape)
 
 
-def gguf_value_fix(arch: str, hf_cfg: dict) -> Callable[[str, np.ndarray], np.ndarray]:
-  """The inverse of the value changes llama.cpp makes when converting."""
-
-  def fix(gguf_name: str, w: np.ndarray) -> np.ndarray:
-    if arch == "llama":
-      if ".attn_q." in gguf_name:
-        return unpermute_rope(w, hf_cfg["num_attention_heads"])
-      if ".attn_k." in gguf_name:
-        return unpermute_rope(w, hf_cfg["num_key_value_heads"])
-    if arch == "gemma3" and gguf_name.endswith("norm.weight"):
-      return w - 1.0  # llama.cpp bakes Gemma's (1 + w) into the stored scale
-    return w
-
-  return fix
+def gguf_value_fix(arch: str, hf_cfg: dict,
+                   gguf_name: str) -> Callable[[np.ndarray], np.ndarray] | None:
+  """The inverse of the value change llama.cpp made to this tensor, if any."""
+  if arch == "llama" and ".attn_q." in gguf_name:
+    return lambda w: unpermute_rope(w, hf_cfg["num_attention_heads"])
+  if arch == "llama" and ".attn_k." in gguf_name:
+    return lambda w: unpermute_rope(w, hf_cfg["num_key_value_heads"])
+  if arch == "gemma3" and gguf_name.endswith("norm.weight"):
+    return lambda w: w - 1.0  # llama.cpp bakes Gemma's (1 + w) into the stored scale
+  return None

@@ -74,8 +74,13 @@ def _sample(logits_BxV: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
 def _decode(params: Params, embed_fn: jax.tree_util.Partial, ids_BxP: jax.Array,
             mask_BxP: jax.Array, stop_ids_E: jax.Array, key: jax.Array, pad: jax.Array, *,
             cfg: ModelConfig, max_new_tokens: int, sampling: Sampling
-            ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Prefill + decode loop. Returns (tokens [B, N], lengths [B], finished [B])."""
+            ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Prefill + decode loop.
+
+  Returns (tokens [B, N], lengths [B], finished [B], steps): lengths count
+  produced tokens including the end token, which only finished rows have;
+  steps is how many tokens the loop ran for (< N when all rows ended early).
+  """
   B, P = ids_BxP.shape
   N = max_new_tokens
   mask_BxS = jnp.concatenate([mask_BxP, jnp.zeros((B, N), bool)], axis=1)
@@ -117,8 +122,8 @@ def _decode(params: Params, embed_fn: jax.tree_util.Partial, ids_BxP: jax.Array,
     return step + 1, out.cache, mask_BxS, tokens_BxN, lengths_B, done_B, pos_B + 1
 
   state = (jnp.int32(1), out.cache, mask_BxS, tokens_BxN, lengths_B, done_B, next_pos_B)
-  _, _, _, tokens_BxN, lengths_B, done_B, _ = jax.lax.while_loop(cond, body, state)
-  return tokens_BxN, lengths_B, done_B & ~empty_B
+  steps, _, _, tokens_BxN, lengths_B, done_B, _ = jax.lax.while_loop(cond, body, state)
+  return tokens_BxN, lengths_B, done_B & ~empty_B, steps
 
 
 # One jitted function for the process: its cache keys on the shapes plus the
@@ -173,7 +178,7 @@ def generate_batch(params: Params, cfg: ModelConfig, tokenizer: Any, prompts: Se
     idx = order[start:start + rows]
     length = prompt_bucket(max(len(ids[i]) for i in idx))
     ids_BxP, mask_BxP = chat_lib.left_pad([ids[i] for i in idx], length=length, rows=rows, pad=pad)
-    tokens_BxN, lengths_B, finished_B = jax.device_get(decode(
+    tokens_BxN, lengths_B, finished_B, _ = jax.device_get(decode(
         params, embed, ids_BxP, mask_BxP, stop_E, jax.random.fold_in(key, b), np.int32(pad),
         cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling))
     for r, i in enumerate(idx):

@@ -1,8 +1,9 @@
 """load_pretrained: aliases, local HF dirs, .gguf files and hub ids -> (cfg, params, tokenizer).
 
-Weights are streamed one tensor at a time into preallocated [L, ...] numpy
-arrays of the target param dtype, so the host peak stays near twice the model
-size in that dtype whatever the checkpoint dtype. Nothing is unpickled except
+Weights are streamed tensor by tensor (big ones in row blocks) into
+preallocated [L, ...] numpy arrays of the target param dtype, so the host peak
+stays below twice the model size in that dtype whatever the checkpoint dtype
+(benchmarks/bench_load_memory.py). Nothing is unpickled except
 through `torch.load(weights_only=True)`, and remote code is never run.
 """
 
@@ -114,6 +115,10 @@ def _config(d: dict[str, Any], runtime: dict[str, Any], source: Any) -> ModelCon
 # Streaming assembly of the params dict.
 
 
+_BLOCK_BYTES = 32 << 20  # largest float32 temporary while copying one tensor
+_REOPEN_BYTES = 64 << 20  # remap a safetensors file after reading this much (bounds RSS)
+
+
 class _Assembler:
   """Fills preallocated param arrays tensor by tensor and checks coverage."""
 
@@ -127,9 +132,14 @@ class _Assembler:
     # For error messages: param path -> the checkpoint name that fills it.
     self.names = {path: name for name, path, _ in families.HF_TABLES[family]}
 
-  def add(self, name: str, shape: tuple[int, ...], load: Callable[[], np.ndarray],
+  def add(self, name: str, shape: tuple[int, ...], read: Callable[[int, int], np.ndarray],
           where: str, fix: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
-    """Checks `name`/`shape` first, then calls `load()` and stores the result."""
+    """Checks `name`/`shape`, then stores the tensor, reading it in row blocks.
+
+    `read(start, stop)` returns source rows [start, stop). Big tensors (the
+    embedding) are copied block by block so no full-size float32 temporary
+    exists. `fix` (a whole-tensor transform) forces a single read.
+    """
     mapped = self.mapper(name)
     if mapped is None:
       if families.is_ignored(name):
@@ -155,17 +165,21 @@ class _Assembler:
     done = self.filled.setdefault(path, np.zeros(full[0] if layered else 1, bool))
     if done[layer if layered else 0]:
       raise ModelLoadError(f"{where}: tensor {name!r} appears twice.")
-    value = load()
-    if fix is not None:
-      value = fix(value)
-    if transform == families.LINEAR:
-      value = value.T
     if path not in self.arrays:  # np.empty: pages are touched only as layers arrive
       self.arrays[path] = np.empty(full, self.dtype)
-    if layered:
-      self.arrays[path][layer] = value
-    else:
-      self.arrays[path][...] = value
+    dest = self.arrays[path][layer] if layered else self.arrays[path]
+    rows = shape[0]
+    row_bytes = 4 * int(np.prod(shape[1:], dtype=np.int64))
+    step = rows if fix is not None else max(1, _BLOCK_BYTES // max(row_bytes, 1))
+    for start in range(0, rows, step):
+      stop = min(rows, start + step)
+      block = read(start, stop)
+      if fix is not None:
+        block = fix(block)
+      if transform == families.LINEAR:  # source rows are our kernel's columns
+        dest[:, start:stop] = block.T
+      else:
+        dest[start:stop] = block
     done[layer if layered else 0] = True
 
   def finish(self, source: str) -> Params:
@@ -181,7 +195,8 @@ class _Assembler:
       raise ModelLoadError(f"{source}: missing tensors: {'; '.join(missing)}.")
     params: Params = {}
     for path in list(self.arrays):  # one leaf at a time, so host memory stays ~1x + 1 leaf
-      _set(params, path, jnp.asarray(self.arrays.pop(path)))
+      # Wait for each copy: async transfers would keep several numpy sources alive at once.
+      _set(params, path, jnp.asarray(self.arrays.pop(path)).block_until_ready())
     return params
 
 
@@ -224,22 +239,42 @@ def _weight_files(d: pathlib.Path) -> tuple[str, list[pathlib.Path]]:
 
 
 def _iter_safetensors(f: pathlib.Path) -> Iterator[tuple[str, tuple[int, ...], Callable]]:
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-  try:
-    handle = safe_open(str(f), framework="numpy")
-  except Exception as e:  # safetensors raises its own error type for bad headers/sizes
-    raise ModelLoadError(f"{f}: unreadable safetensors file (truncated or corrupt?): {e}") from e
-  with handle as h:
-    for name in h.keys():
-      shape = tuple(h.get_slice(name).get_shape())
+  """Yields (name, shape, read(start, stop)) for every tensor of one file.
 
-      def load(name=name):
+  Pages of the memory-mapped file count towards our RSS while mapped, so the
+  file is closed and reopened after every _REOPEN_BYTES read: the host peak
+  is the params plus a bounded window, not params plus the whole file.
+  """
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+
+  def open_():
+    try:
+      return safe_open(str(f), framework="numpy")
+    except Exception as e:  # safetensors raises its own error type for bad headers/sizes
+      raise ModelLoadError(
+          f"{f}: unreadable safetensors file (truncated or corrupt?): {e}") from e
+
+  state = {"h": open_(), "read": 0}
+  try:
+    names = list(state["h"].keys())
+    for name in names:
+      sl = state["h"].get_slice(name)
+      shape = tuple(sl.get_shape())
+
+      def read(start, stop, name=name, shape=shape):
         try:
-          return h.get_tensor(name)
+          block = state["h"].get_slice(name)[start:stop]
         except Exception as e:
           raise ModelLoadError(f"{f}: cannot read tensor {name!r}: {e}") from e
+        state["read"] += block.nbytes
+        if state["read"] >= _REOPEN_BYTES:
+          state["h"].__exit__(None, None, None)
+          state["h"], state["read"] = open_(), 0
+        return block
 
-      yield name, shape, load
+      yield name, shape, read
+  finally:
+    state["h"].__exit__(None, None, None)
 
 
 def _iter_bin(f: pathlib.Path) -> Iterator[tuple[str, tuple[int, ...], Callable]]:
@@ -256,7 +291,14 @@ def _iter_bin(f: pathlib.Path) -> Iterator[tuple[str, tuple[int, ...], Callable]
     raise ModelLoadError(f"{f}: expected a state dict, got {type(state).__name__}.")
   for name in list(state):
     t = state.pop(name)
-    yield name, tuple(t.shape), lambda t=t: t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+    if not isinstance(t, torch.Tensor):
+      raise ModelLoadError(f"{f}: entry {name!r} is a {type(t).__name__}, not a tensor.")
+
+    def read(start, stop, t=t):
+      block = t[start:stop]
+      return (block.float() if block.dtype == torch.bfloat16 else block).numpy()
+
+    yield name, tuple(t.shape), read
 
 
 def _load_hf_dir(d: pathlib.Path, runtime: dict[str, Any], want_tokenizer: bool) -> Pretrained:
@@ -266,8 +308,8 @@ def _load_hf_dir(d: pathlib.Path, runtime: dict[str, Any], want_tokenizer: bool)
   kind, files = _weight_files(d)
   reader = _iter_safetensors if kind == "safetensors" else _iter_bin
   for f in files:
-    for name, shape, load in reader(f):
-      asm.add(name, shape, load, where=str(f))
+    for name, shape, read in reader(f):
+      asm.add(name, shape, read, where=str(f))
   params = asm.finish(str(d))
   tok = _hf_tokenizer(d) if want_tokenizer else None
   return Pretrained(cfg, params, tok)
@@ -305,8 +347,9 @@ def _download(repo_id: str) -> pathlib.Path:
         k in type(e).__name__ for k in ("Offline", "LocalEntryNotFound", "Connection"))
     if offline:
       raise ModelLoadError(
-          f"cannot download {repo_id}: offline (HF_HUB_OFFLINE=1 or no network) and not in the "
-          "local Hugging Face cache; pass a local directory or .gguf file.") from None
+          f"cannot download {repo_id}: offline (HF_HUB_OFFLINE=1 or no network), not in the "
+          "local Hugging Face cache and not a local path; pass a local directory or .gguf "
+          "file.") from None
     raise ModelLoadError(f"cannot download {repo_id}: {type(e).__name__}: {msg}") from None
 
 
@@ -407,30 +450,32 @@ def gguf_hf_config(reader) -> dict[str, Any]:
   return d
 
 
-def _load_gguf(path: pathlib.Path, runtime: dict[str, Any], want_tokenizer: bool,
-               chat_template: str | None = None) -> Pretrained:
+def _fill_from_gguf(reader, arch: str, hf: dict[str, Any], asm: _Assembler, where: str) -> None:
   from gguf.quants import dequantize  # pylint: disable=g-import-not-at-top
-  reader = _gguf_reader(path)
-  hf = gguf_hf_config(reader)
-  cfg = _config(hf, runtime, path)
-  arch = _field(reader, "general.architecture")
-  fix = families.gguf_value_fix(arch, hf)
-  asm = _Assembler(cfg, cfg.family)
   for t in reader.tensors:
     hf_name = families.gguf_to_hf_name(arch, t.name)
     if hf_name is None:
-      raise ModelLoadError(f"{path}: unexpected GGUF tensor {t.name!r} for architecture {arch}.")
+      raise ModelLoadError(f"{where}: unexpected GGUF tensor {t.name!r} for architecture {arch}.")
     # GGUF lists dims innermost first; numpy (and torch) order is the reverse.
     shape = tuple(int(x) for x in reversed(t.shape.tolist()))
 
-    def load(t=t, shape=shape):
-      w = dequantize(t.data, t.tensor_type)
-      return np.asarray(w, np.float32).reshape(shape)
+    def read(start, stop, t=t, shape=shape):  # t.data's rows are the tensor's rows
+      w = dequantize(t.data[start:stop], t.tensor_type)
+      return np.asarray(w, np.float32).reshape((stop - start,) + shape[1:])
 
-    asm.add(hf_name, shape, load, where=f"{path}", fix=lambda w, n=t.name: fix(n, w))
-  params = asm.finish(str(path))
+    asm.add(hf_name, shape, read, where=where, fix=families.gguf_value_fix(arch, hf, t.name))
+
+
+def _load_gguf(path: pathlib.Path, runtime: dict[str, Any], want_tokenizer: bool,
+               chat_template: str | None = None) -> Pretrained:
+  reader = _gguf_reader(path)
+  hf = gguf_hf_config(reader)
+  cfg = _config(hf, runtime, path)
+  asm = _Assembler(cfg, cfg.family)
+  _fill_from_gguf(reader, _field(reader, "general.architecture"), hf, asm, str(path))
   template = _field(reader, "tokenizer.chat_template") or chat_template
-  del reader
+  del reader  # unmap the file before the final copy into jax arrays
+  params = asm.finish(str(path))
   tok = _gguf_tokenizer(str(path), template) if want_tokenizer else None
   return Pretrained(cfg, params, tok)
 

@@ -54,9 +54,9 @@ def train_classifier_on_features(feats_NxD: Any, labels_N: Any, *, hidden: int =
   def fit(p):
     def body(carry, _):
       p, st = carry
-      l, g = jax.value_and_grad(loss)(p)
+      value, g = jax.value_and_grad(loss)(p)
       upd, st = opt.update(g, st, p)
-      return (optax.apply_updates(p, upd), st), l
+      return (optax.apply_updates(p, upd), st), value
     (p, _), losses = jax.lax.scan(body, (p, opt.init(p)), None, length=steps)
     return p, losses
 

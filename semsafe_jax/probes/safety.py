@@ -81,9 +81,10 @@ def pooled_hidden_states(params: Params, cfg: ModelConfig, ids_NxT: np.ndarray,
   for s in range(0, N, batch_size):
     sl = slice(s, s + batch_size)
     n = len(ids_NxT[sl])
-    pad = lambda x: np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)])
+    pad = lambda x, n=n: np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)])
     # Padded rows (all-masked) keep one shape, so the step compiles once.
-    chunks.append(np.asarray(step(params, pad(ids_NxT[sl]), pad(mask_NxT[sl]), pad(pool[sl])))[:, :n])
+    feats = step(params, pad(ids_NxT[sl]), pad(mask_NxT[sl]), pad(pool[sl]))
+    chunks.append(np.asarray(feats)[:, :n])
   return np.concatenate(chunks, axis=1)
 
 
@@ -160,9 +161,9 @@ def write_probe_report(out_dir: str, train_acc_L: np.ndarray, heldout_acc_L: np.
 
   os.makedirs(out_dir, exist_ok=True)
   rows = ["| layer | train acc | held-out acc |", "|---:|---:|---:|"]
-  for l, (tr, ho) in enumerate(zip(train_acc_L, heldout_acc_L)):
-    mark = " **(best)**" if l == best_layer else ""
-    rows.append(f"| {l}{mark} | {tr:.3f} | {ho:.3f} |")
+  for layer, (tr, ho) in enumerate(zip(train_acc_L, heldout_acc_L)):
+    mark = " **(best)**" if layer == best_layer else ""
+    rows.append(f"| {layer}{mark} | {tr:.3f} | {ho:.3f} |")
   md = os.path.join(out_dir, "safety_probe.md")
   with open(md, "w", encoding="utf-8") as f:
     f.write("# Safety probe accuracy per layer\n\nLayer 0 = embeddings, last = final norm "

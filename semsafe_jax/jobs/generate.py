@@ -1,0 +1,154 @@
+"""Generate mode: complete prompts with the base model or the trained adapters.
+
+  python -m semsafe_jax.main --config=configs/default.py --workdir=W \\
+      --config.mode=generate --config.generate.prompts_file=prompts.txt
+
+Prompts come from `config.generate.prompts` and/or `config.generate.prompts_file`
+(one prompt per line, or JSONL with a "prompt" field). With
+`config.generate.adapters` and a training checkpoint in W, the latest trained
+adapters are applied (LoRA merged, embedding MLP as the embed_fn). Writes
+W/generations.jsonl: one object per prompt, in input order.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+from absl import logging
+
+from semsafe_jax.models import generate as gen_lib
+from semsafe_jax.models.loading import load_pretrained
+
+OUTPUT_FILE = "generations.jsonl"
+
+
+def read_prompts_file(path: str) -> list[str]:
+  """Prompts from a text file (one per line) or JSONL ({"prompt": ...} per line)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"generate.prompts_file {path!r} does not exist.")
+  with open(path, encoding="utf-8") as f:
+    lines = [line.rstrip("\n") for line in f if line.strip()]
+  if not lines:
+    raise ValueError(f"generate.prompts_file {path!r} holds no prompts (it is empty).")
+  if not (path.endswith(".jsonl") or all(line.lstrip().startswith("{") for line in lines)):
+    return lines
+  prompts = []
+  for i, line in enumerate(lines, 1):
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}).") from e
+    text = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
+    if not isinstance(text, str):
+      raise ValueError(f"{path}:{i}: expected an object with a string \"prompt\" field.")
+    prompts.append(text)
+  return prompts
+
+
+def collect_prompts(gc: Any) -> list[str]:
+  prompts = [str(p) for p in (gc.prompts or [])]
+  if gc.prompts_file:
+    prompts += read_prompts_file(os.path.expanduser(gc.prompts_file))
+  if not prompts:
+    raise ValueError("Nothing to generate: set --config.generate.prompts_file=FILE "
+                     "or config.generate.prompts.")
+  return prompts
+
+
+def _adapter_embed(embed_mlp, params, cfg, ids_BxT):
+  """embed_fn with the embedding-MLP weights as an argument (traced, not baked in)."""
+  from semsafe_jax import adapters as adapters_lib  # pylint: disable=g-import-not-at-top
+  return adapters_lib.adapted_embed_fn({"embed_mlp": embed_mlp})(params, cfg, ids_BxT)
+
+
+def load_trained_adapters(workdir: str, model_name: str | None = None) -> tuple[Any, Any] | None:
+  """(adapters, adapter config) of the latest checkpoint in workdir, or None."""
+  try:
+    ckpt = importlib.import_module("semsafe_jax.train.checkpoint")
+    load_latest = ckpt.load_latest_adapters
+  except (ImportError, AttributeError) as e:
+    logging.warning("Cannot read training checkpoints (%s); generating with the base model.", e)
+    return None
+  got = load_latest(workdir)
+  if got is None:
+    return None
+  trainable, saved = got
+  # The trainable tree holds the adapters (possibly next to other trained state).
+  adapters = trainable.get("adapters", trainable) if isinstance(trainable, dict) else trainable
+  adapters = {k: adapters[k] for k in ("lora", "embed_mlp") if adapters.get(k) is not None}
+  # A saved run config carries the adapter settings (LoRA scale) the adapters were trained with.
+  adapter_cfg = saved.get("adapters", saved) if isinstance(saved, dict) else saved
+  trained_on = (saved.get("model") or {}).get("name_or_path") if isinstance(saved, dict) else None
+  if model_name is not None and trained_on is not None and trained_on != model_name:
+    logging.warning("The adapters in %s were trained on %r, but model.name_or_path is %r.",
+                    workdir, trained_on, model_name)
+  return adapters, adapter_cfg
+
+
+def apply_trained(params, adapters, adapter_cfg):
+  """(adapted params, embed_fn) for generate()."""
+  from semsafe_jax import adapters as adapters_lib  # pylint: disable=g-import-not-at-top
+  params = adapters_lib.apply_adapters(params, adapters, adapter_cfg)
+  embed_fn = None
+  if adapters.get("embed_mlp") is not None:
+    embed_fn = jax.tree_util.Partial(_adapter_embed, adapters["embed_mlp"])
+  return params, embed_fn
+
+
+def run(config, workdir: str) -> list[dict[str, Any]]:
+  gc, mc = config.generate, config.model
+  prompts = collect_prompts(gc)
+  pre = load_pretrained(mc.name_or_path, dtype=mc.dtype, param_dtype=mc.param_dtype)
+  cfg, params, tok = pre.cfg, pre.params, pre.tokenizer
+  if tok is None:
+    raise ValueError(f"{mc.name_or_path} has no tokenizer; generation needs one.")
+
+  embed_fn, adapted, step_note = None, False, "base model"
+  if gc.adapters:
+    got = load_trained_adapters(workdir, str(mc.name_or_path))
+    if got is None:
+      logging.info("No training checkpoint in %s: generating with the base model.", workdir)
+    else:
+      adapters, adapter_cfg = got
+      params, embed_fn = apply_trained(params, adapters, adapter_cfg)
+      adapted = True
+      step_note = f"trained adapters ({', '.join(sorted(adapters)) or 'none'}) from {workdir}"
+      logging.info("Applying %s.", step_note)
+  else:
+    logging.info("generate.adapters=False: generating with the base model.")
+
+  t0 = time.perf_counter()
+  out = gen_lib.generate_batch(
+      params, cfg, tok, prompts, max_new_tokens=gc.max_new_tokens, temperature=gc.temperature,
+      top_k=gc.top_k, top_p=gc.top_p, seed=gc.seed, batch_size=gc.batch_size,
+      stop_strings=tuple(gc.stop_strings or ()), chat=gc.chat, embed_fn=embed_fn)
+  seconds = time.perf_counter() - t0
+  n_tokens = sum(len(t) for t in out.token_ids)
+  logging.info("Generated %d tokens for %d prompts in %.1fs (%s).", n_tokens, len(prompts),
+               seconds, step_note)
+
+  rows = [{"index": i, "prompt": p, "completion": c, "num_tokens": len(ids), "finished": fin,
+           "adapters": adapted, "model": str(mc.name_or_path)}
+          for i, (p, c, ids, fin) in enumerate(zip(prompts, out.texts, out.token_ids,
+                                                   out.finished))]
+  for r in rows:
+    print(f"### prompt {r['index']}: {r['prompt']}\n{r['completion']}\n", flush=True)
+  if jax.process_index() == 0:
+    _write_jsonl(os.path.join(workdir, OUTPUT_FILE), rows)
+    print(f"Wrote {len(rows)} generations to {os.path.join(workdir, OUTPUT_FILE)} "
+          f"({step_note}).", flush=True)
+  return rows
+
+
+def _write_jsonl(path: str, rows: Sequence[dict[str, Any]]) -> None:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for r in rows:
+      f.write(json.dumps(r, ensure_ascii=False) + "\n")
+  os.replace(tmp, path)  # readers never see a half-written file

@@ -1,0 +1,129 @@
+"""The generate mode end to end: CLI subprocesses, prompt files, the trained-adapters hook."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from semsafe_jax.jobs import generate as job
+from semsafe_jax.models import generate as gen_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(workdir, *flags, timeout=600):
+  env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+  cmd = [sys.executable, "-m", "semsafe_jax.main", "--config=configs/default.py",
+         f"--workdir={workdir}", "--config.mode=generate", *flags]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc
+
+
+def default_config():
+  spec = importlib.util.spec_from_file_location("default_config", os.path.join(ROOT, "configs",
+                                                                              "default.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def read_jsonl(path):
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+def test_cli_tiny_random(tmp_path):
+  prompts = ["How do I boil an egg?", "Name a colour.", "Write one word."]
+  f = tmp_path / "prompts.txt"
+  f.write_text("\n".join(prompts) + "\n\n")
+  w = tmp_path / "w"
+  proc = run_cli(w, f"--config.generate.prompts_file={f}", "--config.generate.max_new_tokens=8",
+                 "--config.model.name_or_path=tiny-random")
+  rows = read_jsonl(w / "generations.jsonl")
+  assert [r["prompt"] for r in rows] == prompts
+  for r in rows:
+    assert isinstance(r["completion"], str) and 0 <= r["num_tokens"] <= 8
+    assert r["adapters"] is False and r["model"] == "tiny-random"
+    assert f"### prompt {r['index']}: {r['prompt']}" in proc.stdout
+
+
+def test_cli_default_model(tmp_path):
+  f = tmp_path / "prompts.jsonl"
+  f.write_text('{"prompt": "What is the capital of France?"}\n{"prompt": "Say hello."}\n')
+  proc = run_cli(tmp_path / "w", f"--config.generate.prompts_file={f}",
+                 "--config.generate.max_new_tokens=6")
+  rows = read_jsonl(tmp_path / "w" / "generations.jsonl")
+  assert [r["prompt"] for r in rows] == ["What is the capital of France?", "Say hello."]
+  assert "Paris" in rows[0]["completion"], proc.stdout  # the real model, greedy, chat template
+  assert all(r["completion"].strip() and r["num_tokens"] <= 6 for r in rows)
+
+
+def test_prompt_files(tmp_path):
+  txt = tmp_path / "p.txt"
+  txt.write_text("first prompt\n\nsecond {not json}\n")
+  assert job.read_prompts_file(str(txt)) == ["first prompt", "second {not json}"]
+  jl = tmp_path / "p.jsonl"
+  jl.write_text('{"prompt": "a", "id": 1}\n\n{"prompt": "b\\nc"}\n')
+  assert job.read_prompts_file(str(jl)) == ["a", "b\nc"]
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"id": 1}\n')
+  with pytest.raises(ValueError, match="prompt"):
+    job.read_prompts_file(str(bad))
+  empty = tmp_path / "empty.txt"
+  empty.write_text("\n \n")
+  with pytest.raises(ValueError, match="empty"):
+    job.read_prompts_file(str(empty))
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    job.read_prompts_file(str(tmp_path / "missing.txt"))
+
+
+def test_no_prompts_is_a_clear_error(tmp_path):
+  config = default_config()
+  with pytest.raises(ValueError, match="prompts_file"):
+    job.run(config, str(tmp_path))
+
+
+def test_trained_adapters_are_applied(tmp_path, monkeypatch):
+  """A checkpoint's adapters (LoRA merged + embedding MLP) change the generations."""
+  from semsafe_jax import adapters as adapters_lib  # pylint: disable=g-import-not-at-top
+  from semsafe_jax.models.loading import load_pretrained  # pylint: disable=g-import-not-at-top
+  from semsafe_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+
+  pre = load_pretrained("tiny-random")
+  monkeypatch.setattr(job, "load_pretrained", lambda *a, **k: pre)
+  config = default_config()
+  config.model.name_or_path = "tiny-random"
+  config.generate.prompts = ["Tell me a story.", "What is two plus two?"]
+  config.generate.max_new_tokens = 6
+
+  adapters = adapters_lib.init_adapters(config.adapters, pre.cfg, pre.params, jax.random.key(1))
+  # Trained adapters are not the identity: give both parts non-zero weights.
+  adapters = jax.tree.map(lambda x: x + 0.5 * jax.random.normal(jax.random.key(2), x.shape),
+                          adapters)
+  saved = {"adapters": config.adapters.to_dict(), "model": {"name_or_path": "tiny-random"}}
+  seen = []
+  monkeypatch.setattr(checkpoint, "load_latest_adapters",
+                      lambda w: seen.append(w) or (jax.tree.map(np.asarray, adapters), saved),
+                      raising=False)
+
+  base = job.run(config, str(tmp_path / "base"))
+  assert base[0]["adapters"] is True and seen == [str(tmp_path / "base")]
+  config.generate.adapters = False
+  plain = job.run(config, str(tmp_path / "plain"))
+  assert plain[0]["adapters"] is False
+  params = adapters_lib.apply_adapters(pre.params, adapters, config.adapters)
+  expected = gen_lib.generate(params, pre.cfg, pre.tokenizer, config.generate.prompts,
+                              max_new_tokens=6, embed_fn=adapters_lib.adapted_embed_fn(adapters))
+  assert [r["completion"] for r in base] == expected
+  assert [r["completion"] for r in plain] != expected
+  assert read_jsonl(tmp_path / "base" / "generations.jsonl")[1]["completion"] == expected[1]
+
+
+def test_missing_checkpoint_falls_back_to_base(tmp_path):
+  assert job.load_trained_adapters(str(tmp_path)) is None
