@@ -17,6 +17,7 @@ import os
 import resource
 import time
 
+from absl import logging
 import numpy as np
 
 from semsafe_jax.data import neighbors
@@ -77,7 +78,8 @@ def timed(fn):
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--n", type=int, default=1_000_000)
   p.add_argument("--d", type=int, default=384)
   p.add_argument("--k", type=int, default=16)
@@ -89,6 +91,8 @@ def main() -> None:
     if f.name.startswith(("hnsw_", "ivf_")):
       p.add_argument(f"--{f.name}", type=int, default=None)
   args = p.parse_args()
+  logging.set_verbosity(logging.INFO)  # the product's phase timings and progress
+  logging.use_absl_handler()
 
   overrides = {f: getattr(args, f) for f in vars(args) if f.startswith(("hnsw_", "ivf_"))
                and getattr(args, f) is not None}
@@ -109,8 +113,8 @@ def main() -> None:
 
   topk, t_mine, cpu_mine = timed(lambda: neighbors.search_topk(emb_NxD, args.k, opts))
   rss = peak_rss_gb()
-  print(f"{kind} N={args.n}: build+search {t_mine:.1f}s (cpu {cpu_mine:.1f}s), peak RSS {rss:.2f} GB",
-        flush=True)
+  print(f"{kind} N={args.n}: build+search {t_mine:.1f}s (cpu {cpu_mine:.1f}s), "
+        f"peak RSS {rss:.2f} GB", flush=True)
 
   q_rows = np.sort(np.random.default_rng(1).choice(args.n, args.queries, replace=False))
   exact_QxK, t_exact_q, _ = timed(lambda: exact_topk_for(emb_NxD, q_rows, args.k))
@@ -118,7 +122,8 @@ def main() -> None:
   rows.append((args.n, f"{kind} (product path)", t_mine, cpu_mine, recall))
 
   print(f"\nrecall@{args.k} on {args.queries} queries (exact ground truth took {t_exact_q:.1f}s)")
-  print(f"{'N':>9}  {'method':<22} {'build+search s':>14} {'cpu s':>8}  {'recall@' + str(args.k):>9}")
+  recall_col = f"recall@{args.k}"
+  print(f"{'N':>9}  {'method':<22} {'build+search s':>14} {'cpu s':>8}  {recall_col:>9}")
   for n, method, t, cpu, r in rows:
     print(f"{n:>9}  {method:<22} {t:>14.1f} {cpu:>8.1f}  {r:>9.3f}")
   print(f"peak RSS: {rss:.2f} GB after mining, {peak_rss_gb():.2f} GB whole run "

@@ -92,7 +92,7 @@ def test_pairs_never_cross_shards(data, shards):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(harmful_per_step=18, num_shards=4), "harmful_per_step=18 must be a non-negative multiple"),
+    (dict(harmful_per_step=18, num_shards=4), "harmful_per_step=18 must be a non-negative"),
     (dict(pairs_per_step=10, num_shards=4), "pairs_per_step=10 must be a non-negative multiple"),
     (dict(benign_per_step=6, num_shards=4), "benign_per_step=6"),
     (dict(num_shards=0), "num_shards=0"),
@@ -116,3 +116,24 @@ def test_higher_batch_tau_filters_pairs(data):
   b = PairBatcher(train, benign, nb, 0.85, harmful_per_step=16, benign_per_step=8,
                   pairs_per_step=24).batch(0)
   assert (b.pair_weight[b.pair_valid] > 0.85).all()
+
+
+def test_pairable_anchor_frac_trades_pairs_for_coverage():
+  rng = np.random.default_rng(2)
+  centres = unit(rng.standard_normal((20, 64)))
+  paired = unit(np.repeat(centres, 4, axis=0) + 0.4 * unit(rng.standard_normal((80, 64))))
+  emb = np.concatenate([paired, unit(rng.standard_normal((240, 64)))])  # 3/4 have no neighbour
+  nb, _ = neighbors.mine_neighbors(emb, 8, TAU)
+
+  def stats(frac):
+    batcher = PairBatcher(np.arange(300), np.arange(300, 320), nb, TAU, harmful_per_step=16,
+                          benign_per_step=4, pairs_per_step=64, pairable_anchor_frac=frac)
+    batches = [batcher.batch(s) for s in range(100)]
+    pairs = np.mean([b.pair_valid.sum() for b in batches])
+    return pairs, len(set(np.concatenate([b.harmful_idx for b in batches])))
+  (pairs_0, seen_0), (pairs_1, seen_1) = stats(0.0), stats(1.0)
+  assert pairs_1 > 1.5 * pairs_0
+  assert seen_0 > 0.9 * 300 and seen_1 <= 80  # uniform anchors reach (nearly) every prompt
+  with pytest.raises(DataError, match="pairable_anchor_frac"):
+    PairBatcher(np.arange(300), np.arange(300, 320), nb, TAU, harmful_per_step=16,
+                benign_per_step=4, pairs_per_step=64, pairable_anchor_frac=1.5)

@@ -34,18 +34,18 @@ XSTEST = SHARED / "xstest" / "xstest_prompts.csv"
 
 
 @pytest.fixture(scope="session")
-def real_data(request):
+def real_data(tmp_path_factory):
   """Built-in prompts (+ XSTest when the shared folder exists) and their SBERT embeddings.
 
-  The same sources and cache as test_data_splits/test_data_pipeline, so the suite
-  encodes them once; later runs read pytest's cache dir (keyed by model + exact
-  texts, so an edited prompt is re-encoded; `pytest --cache-clear` forces it).
+  Same sources and session cache dir as test_data_splits / test_data_pipeline, so the
+  session encodes them once (the on-disk cache is keyed by model + exact texts).
   """
   if not builtin.builtin_available():
     pytest.skip("semsafe_jax/data/builtin/prompts.jsonl not written yet")
   sources = ["builtin"] + ([f"xstest:{XSTEST}"] if XSTEST.is_file() else [])
   prompts, _ = loaders.load_sources(sources)
-  emb = embed.embed_texts([p.text for p in prompts], cache_dir=request.config.cache.mkdir("semsafe_sbert"))
+  emb = embed.embed_texts([p.text for p in prompts],
+                          cache_dir=tmp_path_factory.getbasetemp() / "sbert_cache")
   return prompts, emb
 
 
@@ -162,5 +162,6 @@ def test_builtin_within_intent_neighbours_dominate(real_data):
   nb, _ = neighbors.mine_neighbors(emb, 8, tau, labels=[p.label for p in prompts])
   all_intents = np.array([p.intent_id for p in prompts])
   rows, cols = np.nonzero(nb.valid_NxK[harmful])
-  precision = np.mean(all_intents[harmful[rows]] == all_intents[nb.neighbors_NxK[harmful][rows, cols]])
+  others = nb.neighbors_NxK[harmful][rows, cols]
+  precision = np.mean(all_intents[harmful[rows]] == all_intents[others])
   assert precision >= 0.85, precision

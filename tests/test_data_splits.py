@@ -31,13 +31,15 @@ def synthetic(num_intents=40, phrasings=5, d=64, seed=0):
       vecs.append(centres[i] + 0.35 * unit(rng.standard_normal((1, d)))[0])
   for label, n in [("benign", 30), ("borderline", 20)]:
     for j in range(n):
-      prompts.append(Prompt(id=f"{label}{j:03d}", text=f"{label} {j}", label=label, source="builtin"))
+      prompts.append(Prompt(id=f"{label}{j:03d}", text=f"{label} {j}", label=label,
+                            source="builtin"))
       vecs.append(rng.standard_normal(d))
   for j, label in enumerate(["harmful", "borderline", "harmful"]):
     # XSTest rows that copy a builtin harmful prompt: still never trainable.
     prompts.append(Prompt(id=f"xstest:{j}", text=f"xstest {j}", label=label, source="xstest"))
     vecs.append(vecs[5 * j])
-  return [p if p.intent_id else Prompt(**{**p.to_dict(), "intent_id": p.id}) for p in prompts], unit(np.stack(vecs))
+  prompts = [p if p.intent_id else Prompt(**{**p.to_dict(), "intent_id": p.id}) for p in prompts]
+  return prompts, unit(np.stack(vecs))
 
 
 def split(prompts, emb, seed=0, **kw):
@@ -134,7 +136,8 @@ def test_xstest_never_enters_training():
   assert ((emb[excluded] @ emb[sorted(xs)].T).max(1) >= TAU).all()  # only near ones
   assert report["excluded_near_eval_only"]["count"] == len(excluded)
   s_off, report_off = split(prompts, emb, exclude_near_eval_only=False)
-  assert report_off["max_cos_train_vs_eval_only"] > 0.99 and not len(s_off["excluded_near_eval_only"])
+  assert report_off["max_cos_train_vs_eval_only"] > 0.99
+  assert not len(s_off["excluded_near_eval_only"])
   # The enforced rule: a training split holding XSTest rows is an error.
   with pytest.raises(DataError, match="eval-only.*xstest"):
     check_trainable(prompts, list(s["train"]) + [min(xs)])
@@ -159,13 +162,14 @@ def test_split_ids_round_trip():
 
 
 @pytest.fixture(scope="session")
-def real_data(request):
+def real_data(tmp_path_factory):
   """Same sources and cache as test_data_neighbors/test_data_pipeline: encoded once."""
   if not builtin.builtin_available():
     pytest.skip("semsafe_jax/data/builtin/prompts.jsonl not written yet")
   sources = ["builtin"] + ([f"xstest:{XSTEST}"] if XSTEST.is_file() else [])
   prompts, _ = loaders.load_sources(sources)
-  emb = embed.embed_texts([p.text for p in prompts], cache_dir=request.config.cache.mkdir("semsafe_sbert"))
+  emb = embed.embed_texts([p.text for p in prompts],
+                          cache_dir=tmp_path_factory.getbasetemp() / "sbert_cache")
   return prompts, emb
 
 

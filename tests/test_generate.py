@@ -40,6 +40,20 @@ def tokenizer():
   return tok
 
 
+@pytest.fixture
+def traces(monkeypatch):
+  """Swaps in a fresh jit of the decoder that records each trace (= compilation)."""
+  seen = []
+
+  def counted(*args, **kw):
+    seen.append(args[2].shape)
+    return gen._decode(*args, **kw)
+
+  monkeypatch.setattr(gen, "decode", jax.jit(
+      counted, static_argnames=("cfg", "max_new_tokens", "sampling")))
+  return seen
+
+
 def rows_of(lengths, seed=0):
   rng = np.random.RandomState(seed)
   return [rng.randint(4, CFG.vocab_size, n).tolist() for n in lengths]
@@ -99,15 +113,14 @@ def test_embed_fn_is_used_for_prompt_and_generated_tokens(params):
     assert tokens[r].tolist() == reference_greedy(params, row, n, embed_fn=scaled)
 
 
-def test_embed_fn_partial_arrays_are_traced(params):
+def test_embed_fn_partial_arrays_are_traced(params, traces):
   """A Partial's bound arrays are jit inputs: new values, same executable."""
   rows, n = rows_of([4, 9], seed=3), 8
   fn = lambda scale, p, cfg, ids: scale * transformer.embed(p, cfg, ids)
-  before = gen.decode._cache_size()
   a = run_decode(params, rows, n, embed_fn=jax.tree_util.Partial(fn, jnp.float32(1.0)))[0]
   b = run_decode(params, rows, n, embed_fn=jax.tree_util.Partial(fn, jnp.float32(3.0)))[0]
-  assert gen.decode._cache_size() == before + 1
-  np.testing.assert_array_equal(a, run_decode(params, rows, n)[0])
+  assert len(traces) == 1
+  np.testing.assert_array_equal(a, run_decode(params, rows, n)[0])  # scale 1 == plain embed
   assert not np.array_equal(a, b)
 
 
@@ -177,16 +190,8 @@ def test_buckets():
   assert [gen.batch_rows(n, 8) for n in (1, 2, 3, 5, 8, 9, 100)] == [1, 2, 4, 8, 8, 8, 8]
 
 
-def test_compiles_once_per_shape_bucket(params, tokenizer, monkeypatch):
+def test_compiles_once_per_shape_bucket(params, tokenizer, traces):
   """Batches of different sizes and prompt lengths within one bucket: one trace."""
-  traces = []
-
-  def counted(*args, **kw):
-    traces.append(args[2].shape)
-    return gen._decode(*args, **kw)
-
-  monkeypatch.setattr(gen, "decode", jax.jit(
-      counted, static_argnames=("cfg", "max_new_tokens", "sampling")))
   words = [" ".join(f"w{(i * 7 + j) % 60}" for j in range(k)) for i, k in
            enumerate([1, 3, 5, 2, 9, 4, 6, 2, 7, 3, 8])]  # 11 prompts: 3 batches of 4, last partial
   kw = dict(max_new_tokens=5, batch_size=4)
@@ -194,7 +199,8 @@ def test_compiles_once_per_shape_bucket(params, tokenizer, monkeypatch):
   gen.generate_batch(params, CFG, tokenizer, words[:9], **kw)
   gen.generate_batch(params, CFG, tokenizer, words[4:], **kw)
   assert traces == [(4, 32)]
-  assert gen.decode._cache_size() == 1
+  if hasattr(gen.decode, "_cache_size"):  # jax's own count of compiled executables
+    assert gen.decode._cache_size() == 1
   gen.generate_batch(params, CFG, tokenizer, words, max_new_tokens=6, batch_size=4)
   assert len(traces) == 2  # max_new_tokens is part of the key...
   again = gen.generate_batch(params, CFG, tokenizer, words, **kw)

@@ -11,7 +11,9 @@ Every step has the same shapes, so one jitted step serves the whole run:
 
 Each shard is filled with groups: a random training anchor plus up to
 `neighbors_per_anchor` of its mined training neighbours (cosine > tau); the pairs
-are every mined neighbour pair that landed in the same shard. A batch is a pure
+are every mined neighbour pair that landed in the same shard. With probability
+`pairable_anchor_frac` an anchor is drawn among prompts that have a training
+neighbour (so batches carry pairs even when few prompts do), else among all. A batch is a pure
 function of (seed, step), so a resumed run sees exactly the batches it would have.
 """
 
@@ -50,7 +52,8 @@ class PairBatcher:
 
   def __init__(self, harmful_idx: Sequence[int], benign_idx: Sequence[int], neighbors: Neighbors,
                tau: float, *, harmful_per_step: int, benign_per_step: int, pairs_per_step: int,
-               num_shards: int = 1, neighbors_per_anchor: int = 3, seed: int = 0):
+               num_shards: int = 1, neighbors_per_anchor: int = 3,
+               pairable_anchor_frac: float = 0.5, seed: int = 0):
     d = num_shards
     if d < 1:
       raise DataError(f"num_shards={d} must be >= 1")
@@ -68,8 +71,12 @@ class PairBatcher:
     if benign_per_step and self.benign_rows.size == 0:
       raise DataError("benign_per_step > 0 but there are no training benign/borderline prompts")
     self.b_h, self.b_b, self.p, self.d = harmful_per_step, benign_per_step, pairs_per_step, d
+    if not 0.0 <= pairable_anchor_frac <= 1.0:
+      raise DataError(f"pairable_anchor_frac={pairable_anchor_frac} must be in [0, 1]")
     self.tau, self.seed, self.neighbors_per_anchor = tau, seed, neighbors_per_anchor
+    self.pairable_anchor_frac = pairable_anchor_frac
     self._adj, self._pair_sim = _train_graph(self.harmful_rows, neighbors, tau)
+    self._pairable = np.asarray(sorted(self._adj), np.int64)
     if not self._pair_sim:
       logging.warning("No training pairs with cosine > %.2f: batches carry no valid pairs", tau)
     logging.info("PairBatcher: %d harmful (%d with a neighbour), %d benign, %d pairs; "
@@ -89,13 +96,15 @@ class PairBatcher:
     for shard in range(self.d):
       rows = self._fill_shard(shard_size, used, rng)
       offset = shard * shard_size
-      cand = [(offset + a, offset + b, self._pair_sim[(min(rows[a], rows[b]), max(rows[a], rows[b]))])
-              for a in range(len(rows)) for b in range(a + 1, len(rows))
-              if (min(rows[a], rows[b]), max(rows[a], rows[b])) in self._pair_sim]
+      keys = [(a, b, (min(rows[a], rows[b]), max(rows[a], rows[b])))
+              for a in range(len(rows)) for b in range(a + 1, len(rows))]
+      cand = [(offset + a, offset + b, self._pair_sim[key]) for a, b, key in keys
+              if key in self._pair_sim]
       if len(cand) > pairs_per_shard:
         cand = [cand[i] for i in np.sort(rng.choice(len(cand), pairs_per_shard, replace=False))]
       pad = pairs_per_shard - len(cand)
-      pair_index += [(a, b) for a, b, _ in cand] + [(offset, offset)] * pad  # padding stays in-shard
+      # Padding points at the shard's own first slot, so even it stays shard-local.
+      pair_index += [(a, b) for a, b, _ in cand] + [(offset, offset)] * pad
       pair_weight += [s for _, _, s in cand] + [0.0] * pad
       pair_valid += [True] * len(cand) + [False] * pad
       harmful.extend(rows)
@@ -130,9 +139,12 @@ class PairBatcher:
     return rows
 
   def _draw_anchor(self, used: set[int], rng: np.random.Generator) -> int:
-    """A uniformly random training prompt, avoiding ones already in the batch if possible."""
+    """A random training prompt, avoiding ones already in the batch if possible."""
+    pool = self.harmful_rows
+    if self._pairable.size and rng.random() < self.pairable_anchor_frac:
+      pool = self._pairable
     for _ in range(_ANCHOR_TRIES):
-      row = int(self.harmful_rows[rng.integers(self.harmful_rows.size)])
+      row = int(pool[rng.integers(pool.size)])
       if row not in used:
         return row
     return row  # tiny pools: a repeat beats an error

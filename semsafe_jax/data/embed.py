@@ -44,7 +44,8 @@ def resolve_model(name: str) -> str:
 @functools.lru_cache(maxsize=2)
 def load_encoder(name: str, device: str = "cpu"):
   """A SentenceTransformer, loaded once per process."""
-  from sentence_transformers import SentenceTransformer  # pylint: disable=g-import-not-at-top; torch is slow to import.
+  # Imported here: it pulls in torch, which takes seconds.
+  from sentence_transformers import SentenceTransformer  # pylint: disable=g-import-not-at-top
   path = resolve_model(name)
   logging.info("Loading SBERT model %s from %s", name, path)
   try:
@@ -55,7 +56,8 @@ def load_encoder(name: str, device: str = "cpu"):
     raise DataError(f"Cannot load SBERT model {name!r}{hint}: {str(e).splitlines()[0]}") from None
 
 
-def encode(texts: Sequence[str], model: str, batch_size: int = 64, device: str = "cpu") -> np.ndarray:
+def encode(texts: Sequence[str], model: str, batch_size: int = 64,
+           device: str = "cpu") -> np.ndarray:
   """Encodes without caching: emb_NxD float32, unit rows. Tests monkeypatch this."""
   encoder = load_encoder(model, device)
   return encoder.encode(list(texts), batch_size=batch_size, show_progress_bar=True,

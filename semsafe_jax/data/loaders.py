@@ -62,7 +62,8 @@ def parse_source(spec: str) -> SourceSpec:
     raise DataError(f"Unknown data source {spec!r}: kind must be one of {', '.join(KINDS)}")
   target, _, query = rest.partition("?")
   try:
-    options = dict(urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
+    options = dict(urllib.parse.parse_qsl(query, keep_blank_values=True,
+                                          strict_parsing=bool(query)))
   except ValueError as e:
     raise DataError(f"Data source {spec!r}: bad options {query!r} ({e})") from None
   unknown = sorted(set(options) - _OPTIONS)
@@ -71,7 +72,7 @@ def parse_source(spec: str) -> SourceSpec:
   if kind == "builtin" and (target or options):
     raise DataError(f"Data source {spec!r}: 'builtin' takes no path or options")
   if kind != "builtin" and not target:
-    raise DataError(f"Data source {spec!r}: expected {kind}:PATH" + (" (hf:ID)" if kind == "hf" else ""))
+    raise DataError(f"Data source {spec!r}: expected {kind}:{'ID' if kind == 'hf' else 'PATH'}")
   if kind == "xstest" and "source" in options:
     raise DataError(f"Data source {spec!r}: XSTest is always source 'xstest' (evaluation only)")
   return SourceSpec(kind, target, options)
@@ -120,7 +121,13 @@ def _read_csv(data: bytes, issues: RowIssues) -> _Table:
 
   def rows() -> Iterator[_Row]:
     n, start = 0, reader.line_num + 1
-    for values in reader:
+    while True:
+      try:
+        values = next(reader)
+      except StopIteration:
+        return
+      except csv.Error as e:  # e.g. a field over csv.field_size_limit: no way to resync
+        raise DataError(f"{issues.where}, line {reader.line_num}: malformed CSV ({e})") from None
       n += 1
       end = reader.line_num
       loc = f"row {n} (line {start})"
@@ -166,8 +173,8 @@ def _read_json(data: bytes, issues: RowIssues) -> _Table:
     raise DataError(f"{issues.where}: invalid JSON at line {e.lineno} ({e.msg})") from None
   if not isinstance(items, list):
     raise DataError(f"{issues.where}: expected a JSON list of objects")
-  rows = [_Row(f"item {n}", v if isinstance(v, dict) else {}, "" if isinstance(v, dict) else "not a JSON object")
-          for n, v in enumerate(items, 1)]
+  rows = [_Row(f"item {n}", v, "") if isinstance(v, dict) else
+          _Row(f"item {n}", {}, "not a JSON object") for n, v in enumerate(items, 1)]
   columns = sorted({k for r in rows for k in r.values})
   return _Table(columns, iter(rows))
 
@@ -177,15 +184,16 @@ def _read_hf(spec: SourceSpec) -> _Table:
   try:
     import datasets  # pylint: disable=g-import-not-at-top; optional and heavy.
   except ImportError:
-    raise DataError(f"Source hf:{spec.target} needs the `datasets` package: pip install datasets") from None
+    raise DataError(f"Source hf:{spec.target} needs the `datasets` package: "
+                    "pip install datasets") from None
   split = spec.options.get("split", "train")
   try:
     ds = datasets.load_dataset(spec.target, spec.options.get("config") or None, split=split)
   except Exception as e:  # pylint: disable=broad-except; network, auth, missing id ...
     first = (str(e).strip().splitlines() or [""])[0][:200]
     offline = " (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set)" if _offline() else ""
-    raise DataError(f"Could not load Hugging Face dataset {spec.target!r} split {split!r}{offline}: "
-                    f"{type(e).__name__}: {first}") from None
+    raise DataError(f"Could not load Hugging Face dataset {spec.target!r} split {split!r}"
+                    f"{offline}: {type(e).__name__}: {first}") from None
   rows = (_Row(f"row {n}", dict(v)) for n, v in enumerate(ds, 1))
   return _Table(list(ds.column_names), rows)
 
@@ -372,7 +380,8 @@ def load_source(spec: str | SourceSpec, *, on_bad_rows: str = "error",
     if spec.kind == "jbb" and "label" not in spec.options and "benign" in path.stem.lower():
       # JailbreakBench ships benign-behaviors.csv in the harmful file's format;
       # labelling it harmful would train refusals of benign requests.
-      logging.info("%s: JailbreakBench benign file, labelling rows benign (override: ?label=)", path)
+      logging.info("%s: JailbreakBench benign file, labelling rows benign (?label= overrides)",
+                   path)
       spec = dataclasses.replace(spec, options={**spec.options, "label": "benign"})
     issues = RowIssues(where, on_bad_rows)
     table = _read_file(path, spec.kind, issues)
@@ -403,7 +412,8 @@ def load_sources(specs: Sequence[str], *, on_bad_rows: str = "error",
   prompts: list[Prompt] = []
   summaries = []
   for spec in specs:
-    result = load_source(spec, on_bad_rows=on_bad_rows, columns=columns, default_label=default_label)
+    result = load_source(spec, on_bad_rows=on_bad_rows, columns=columns,
+                         default_label=default_label)
     prompts.extend(result.prompts)
     summaries.append({"source": spec, **result.summary})
   issues = RowIssues("across sources", on_bad_rows)

@@ -67,8 +67,9 @@ def prepare_data(config: Any, workdir: str | os.PathLike[str]) -> PreparedData:
   workdir.mkdir(parents=True, exist_ok=True)
   extra_eval_only = list(cfg.get("eval_only_sources", []))
 
+  sources = [cfg.sources] if isinstance(cfg.sources, str) else list(cfg.sources)
   prompts, load_summaries = loaders.load_sources(
-      list(cfg.sources), on_bad_rows=cfg.get("on_bad_rows", "error"),
+      sources, on_bad_rows=cfg.get("on_bad_rows", "error"),
       columns=_plain(cfg.get("columns", {})), default_label=cfg.get("default_label", ""))
   labels = [p.label for p in prompts]
 
@@ -116,4 +117,5 @@ def make_batcher(data: PreparedData, config: Any, num_shards: int = 1) -> PairBa
   return PairBatcher(harmful, benign, data.neighbors, cfg.tau,
                      harmful_per_step=cfg.harmful_per_step, benign_per_step=cfg.benign_per_step,
                      pairs_per_step=cfg.pairs_per_step, num_shards=num_shards,
-                     neighbors_per_anchor=cfg.get("neighbors_per_anchor", 3), seed=config.seed)
+                     neighbors_per_anchor=cfg.get("neighbors_per_anchor", 3),
+                     pairable_anchor_frac=cfg.get("pairable_anchor_frac", 0.5), seed=config.seed)

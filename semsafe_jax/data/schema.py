@@ -58,6 +58,8 @@ def validate_prompt(prompt: Prompt) -> Prompt:
     raise DataError("empty id")
   if not prompt.text.strip():
     raise DataError("empty text")
+  if "\x00" in prompt.text:
+    raise DataError("text contains a NUL byte (corrupt file?)")
   if prompt.label not in LABELS:
     raise DataError(f"unknown label {prompt.label!r} (expected one of {', '.join(LABELS)})")
   if not prompt.intent_id:
@@ -90,7 +92,8 @@ class RowIssues:
 
   def __init__(self, where: str, on_bad_rows: str = "error"):
     if on_bad_rows not in BAD_ROW_POLICIES:
-      raise DataError(f"config.data.on_bad_rows={on_bad_rows!r}; expected one of {BAD_ROW_POLICIES}")
+      raise DataError(f"config.data.on_bad_rows={on_bad_rows!r}; "
+                      f"expected one of {BAD_ROW_POLICIES}")
     self.where = where
     self.policy = on_bad_rows
     self.skipped: collections.Counter[str] = collections.Counter()

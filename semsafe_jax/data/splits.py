@@ -102,7 +102,8 @@ def _stochastic_round(x: float, rng: np.random.Generator) -> int:
 
 
 def _link_groups(harmful: list[int], intents: list[str], intent_of: dict[int, int],
-                 emb_NxD: np.ndarray, tau: float) -> tuple[list[list[int]], list[tuple[int, int, float]]]:
+                 emb_NxD: np.ndarray, tau: float
+                 ) -> tuple[list[list[int]], list[tuple[int, int, float]]]:
   """Intents joined by a cross-intent pair at cosine >= tau, as groups of intent indices."""
   uf = _UnionFind(len(intents))
   links: dict[tuple[int, int], float] = {}
@@ -215,9 +216,11 @@ def make_splits(prompts: Sequence[Prompt], emb_NxD: np.ndarray, *, tau: float, s
   seen = np.concatenate([out["train"], out["heldout_phrasing"]])
   max_cos = max_cross_cosine(emb_NxD, seen, out["heldout_intent"])
   if max_cos >= tau:
-    raise DataError(f"Leak: a train prompt has cosine {max_cos:.3f} >= tau={tau} to a held-out intent")
+    raise DataError(f"Leak: a train prompt has cosine {max_cos:.3f} >= tau={tau} "
+                    "to a held-out intent")
 
-  moved = [{"intents": [intents[i] for i in g]} for g in groups if len(g) > 1 and g[0] in heldout_intents]
+  moved = [{"intents": [intents[i] for i in g]} for g in groups
+           if len(g) > 1 and g[0] in heldout_intents]
   for entry in moved:
     members_g = {intent_index[x] for x in entry["intents"]}
     entry["links"] = [[intents[a], intents[b], round(c, 4)] for a, b, c in links if a in members_g]
@@ -227,8 +230,8 @@ def make_splits(prompts: Sequence[Prompt], emb_NxD: np.ndarray, *, tau: float, s
       "intents": {"total": len(intents), "heldout_target": target,
                   "heldout": len(heldout_intents), "train": len(intents) - len(heldout_intents)},
       "rule": ("intents with a cross-intent prompt pair at cosine >= tau form one linked group; "
-               "a group is held out whole or kept in train whole, so no train (or heldout_phrasing) "
-               "prompt is within tau of a heldout_intent prompt"),
+               "a group is held out whole or kept in train whole, so no train (or "
+               "heldout_phrasing) prompt is within tau of a heldout_intent prompt"),
       "linked_groups": {
           "count": len(groups),
           "multi_intent": sum(len(g) > 1 for g in groups),
@@ -255,10 +258,12 @@ def split_ids(prompts: Sequence[Prompt], splits: dict[str, np.ndarray]) -> dict[
   return {name: [prompts[i].id for i in rows] for name, rows in splits.items()}
 
 
-def split_rows(prompts: Sequence[Prompt], ids_by_split: dict[str, list[str]]) -> dict[str, np.ndarray]:
+def split_rows(prompts: Sequence[Prompt],
+               ids_by_split: dict[str, list[str]]) -> dict[str, np.ndarray]:
   """Inverse of `split_ids`: row indices from a splits.json mapping."""
   row_of = {p.id: i for i, p in enumerate(prompts)}
   try:
-    return {name: np.asarray([row_of[x] for x in ids], np.int64) for name, ids in ids_by_split.items()}
+    return {name: np.asarray([row_of[x] for x in ids], np.int64)
+            for name, ids in ids_by_split.items()}
   except KeyError as e:
     raise DataError(f"splits refer to unknown prompt id {e.args[0]!r}") from None

@@ -31,7 +31,11 @@ from semsafe_jax.train import inputs, sharding
 from semsafe_jax.train.trainer import fit
 
 EVAL_SPLITS = {"heldout_intent": "heldout_intent", "heldout_phrasing": "heldout_phrasing",
-               "borderline": "eval_borderline", "benign": "eval_benign"}
+               "borderline": "eval_borderline", "benign": "eval_benign",
+               # Evaluation-only sources (e.g. XSTest), reported when loaded.
+               "eval_only_harmful": "eval_only_harmful",
+               "eval_only_borderline": "eval_only_borderline",
+               "eval_only_benign": "eval_only_benign"}
 
 
 def run(config, workdir: str) -> dict[str, Any]:
@@ -92,7 +96,8 @@ def run(config, workdir: str) -> dict[str, Any]:
             "pair_valid": b.pair_valid,
             "benign_ids": n["ids"], "benign_mask": n["mask"], "benign_target_mask": n["target_mask"]}
 
-  aux = build_aux(config.loss, tok, probe=_probe_for_scorer(config, probe))
+  aux = build_aux(config.loss, tok, probe=_probe_for_scorer(config, probe),
+                  classifier=_classifier_stage(config, workdir, params, tok, data, base_answers))
   key = jax.random.key(config.seed)
   adapters0 = adapters_lib.init_adapters(config.adapters, cfg, params, key)
   summary = adapters_lib.param_summary(adapters0, params)
@@ -148,7 +153,9 @@ def _eval_sets(data: PreparedData, config) -> dict[str, list[str]]:
   cap = int(config.eval.max_per_split)
   out = {}
   for name, split in EVAL_SPLITS.items():
-    rows = np.asarray(data.splits.get(split, []))
+    rows = np.asarray(data.splits.get(split, []), dtype=np.int64)
+    if not len(rows) and split.startswith("eval_only"):
+      continue
     if cap and len(rows) > cap:
       rows = np.sort(np.random.default_rng(config.eval.seed).choice(rows, cap, replace=False))
     out[name] = data.texts(rows)
@@ -235,6 +242,30 @@ def _probe_stage(config, workdir, data, params, cfg, tok, harm_rows, benign_rows
   logging.info("Safety probe: best layer %d, held-out accuracy %.3f.", res["best_layer"],
                float(res["heldout_acc"][res["best_layer"]]))
   return res
+
+
+def _classifier_stage(config, workdir, params, tok, data, base_answers):
+  """Refusal classifier for loss.scorer='classifier': built-in refusals (label 1) vs the
+  base model's own answers (label 0), as expected-token-embedding features."""
+  if config.loss.scorer != "classifier":
+    return None
+  from semsafe_jax.probes import refusal as refusal_lib  # pylint: disable=g-import-not-at-top
+  n = config.data.max_response_tokens
+
+  def ids_mask(texts):
+    rows = [tok(t, add_special_tokens=False)["input_ids"][:n] for t in texts]
+    ids, mask = np.zeros((len(rows), n), np.int32), np.zeros((len(rows), n), bool)
+    for i, r in enumerate(rows):
+      ids[i, :len(r)], mask[i, :len(r)] = r, True
+    return ids, mask
+
+  lc = config.loss
+  clf, metrics = refusal_lib.train_refusal_classifier(
+      params["embed"]["embedding"], *ids_mask(data.refusals), *ids_mask(base_answers),
+      hidden=lc.classifier_hidden, steps=lc.classifier_steps, lr=lc.classifier_lr, seed=config.seed)
+  refusal_lib.save_classifier(os.path.join(workdir, "refusal_classifier.npz"), clf)
+  logging.info("Refusal classifier: train accuracy %.3f.", metrics["train_acc"])
+  return clf
 
 
 def _probe_for_scorer(config, probe):

@@ -172,8 +172,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def place_tree(tree: Any, mesh: Mesh, rules: Rules = (),
                axes_by_path: Mapping[str, Sequence[str]] | None = None) -> Any:
-  """Puts a host/device pytree onto the mesh (identical on every process)."""
-  return jax.device_put(tree, tree_shardings(tree, mesh, rules, axes_by_path))
+  """Puts a pytree (host arrays or local device arrays, the same values on
+  every process) onto the mesh."""
+  shardings = tree_shardings(tree, mesh, rules, axes_by_path)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+
+  def put(x, s):  # each process builds only the shards its devices hold
+    host = np.asarray(jax.device_get(x))
+    return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
+  return jax.tree.map(put, tree, shardings)
 
 
 def batch_size_divisor(mesh: Mesh) -> int:

@@ -73,6 +73,10 @@ def _all_finite(tree) -> jax.Array:
   return functools.reduce(jnp.logical_and, leaves, jnp.bool_(True))
 
 
+def _global_norm(tree) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
 def _mean_metrics(metrics: Mapping[str, Any]) -> dict[str, jax.Array]:
   return {k: jnp.mean(jnp.asarray(v, jnp.float32)) for k, v in metrics.items()}
 
@@ -153,7 +157,7 @@ class TrainStep:
         bad_total=state.bad_total + bad,
         bad_consecutive=jnp.where(ok, 0, state.bad_consecutive + 1).astype(jnp.int32))
     out = dict(metrics)
-    out.update(loss=loss.astype(jnp.float32), grad_norm=optax.tree.norm(grads),
+    out.update(loss=loss.astype(jnp.float32), grad_norm=_global_norm(grads),
                lr=jnp.asarray(self.schedule(applied), jnp.float32), skipped=bad,
                bad_total=new_state.bad_total, bad_consecutive=new_state.bad_consecutive,
                step=new_state.step)

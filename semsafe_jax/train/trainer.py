@@ -151,8 +151,8 @@ def fit(loss_fn: step_lib.LossFn, init_trainable: Params, batch_fn: BatchFn, con
     mesh: defaults to `sharding.make_mesh(config.train.mesh)` over all devices.
 
   Returns:
-    (final trainable params as replicated jax.Arrays, history: one dict of
-    float metrics per step run in this process).
+    (final trainable params as float32 arrays on this process's first device,
+    history: one dict of float metrics per step run in this process).
 
   Raises:
     NonFiniteError: after `train.max_bad_steps` consecutive skipped steps.
@@ -170,7 +170,8 @@ def fit(loss_fn: step_lib.LossFn, init_trainable: Params, batch_fn: BatchFn, con
   primary = sharding.is_primary()
 
   optimizer, schedule = step_lib.make_optimizer(tc)
-  frozen = sharding.place_tree(frozen, mesh, rules, frozen_axes)
+  if frozen is not None:
+    frozen = sharding.place_tree(frozen, mesh, rules, frozen_axes)
   # Adapters and optimizer state are small: replicated everywhere.
   state0 = jax.eval_shape(lambda t: step_lib.init_state(t, optimizer, config.seed),
                           init_trainable)
@@ -190,7 +191,8 @@ def fit(loss_fn: step_lib.LossFn, init_trainable: Params, batch_fn: BatchFn, con
     start = 0
     init = jax.jit(lambda t: step_lib.init_state(t, optimizer, config.seed),
                    out_shardings=state_sharding)
-    state = init(init_trainable)
+    # Host copy first: works for any input placement, on any number of hosts.
+    state = init(sharding.place_tree(jax.device_get(init_trainable), mesh))
 
   train_step = step_lib.TrainStep(loss_fn, optimizer, schedule, grad_accum=accum,
                                   state_sharding=state_sharding,
@@ -206,7 +208,8 @@ def fit(loss_fn: step_lib.LossFn, init_trainable: Params, batch_fn: BatchFn, con
 
   def finish(pending) -> None:
     """Reads one step's metrics (blocks on it) and acts on them."""
-    m = {k: float(v) for k, v in jax.device_get(pending).items()}
+    # Metrics are replicated: read this process's copy (works across hosts).
+    m = {k: float(np.asarray(v.addressable_data(0))) for k, v in pending.items()}
     history.append(m)
     s = int(m["step"])
     logger.step(m, log=(s % log_every == 0 or s == total))
@@ -229,8 +232,8 @@ def fit(loss_fn: step_lib.LossFn, init_trainable: Params, batch_fn: BatchFn, con
       for s in range(start, total):
         batch = sharding.shard_batch(_micro_batches(batch_fn, s, accum), mesh, batch_dim)
         state, metrics = train_step(state, frozen, batch)
-        # Read the previous step's metrics only now, so the host prepares the
-        # next batch while the device computes.
+        # Block on the previous step's metrics only after queueing this step:
+        # the host builds each batch while the device runs the step before.
         if pending is not None:
           finish(pending)
         pending = metrics
@@ -251,4 +254,5 @@ def fit(loss_fn: step_lib.LossFn, init_trainable: Params, batch_fn: BatchFn, con
   if total > start:
     logging.info("Trained steps %d..%d in %.1fs (%d step traces).", start, total,
                  time.time() - t0, train_step.trace_count)
-  return state.trainable, history
+  # This process's copy (replicated): usable in single-device code such as generation.
+  return jax.tree.map(lambda x: x.addressable_data(0), state.trainable), history
