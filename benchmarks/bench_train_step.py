@@ -120,7 +120,7 @@ class Torch:
     import transformers  # pylint: disable=g-import-not-at-top
     path, _ = embedded_gguf_path("smollm2-135m-instruct")
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
+        str(path.parent), gguf_file=path.name, dtype=torch.float32)
     model.config.use_cache = False
     cfg = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
                           target_modules=list(TARGETS), task_type="CAUSAL_LM")
@@ -146,6 +146,16 @@ def build(name: str, cfg, ids: np.ndarray, target_tokens: int, lr: float):
                         tokenizer=False)
   k = ids.shape[1] if name == "ours (all)" else target_tokens
   return Ours(cfg, pre.params, ids, k, lr)
+
+
+def _own_peak_rss_gib() -> float:
+  # VmHWM restarts at exec; ru_maxrss would carry the parent's peak over a fork.
+  try:
+    with open("/proc/self/status") as f:
+      kib = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
+    return kib / 2**20
+  except (OSError, StopIteration):
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def peak_rss_gib(name: str, args) -> float:
@@ -177,7 +187,7 @@ def main():
   if args.memory_of:
     f = build(args.memory_of, cfg, ids, args.target_tokens, lr)
     f(), f()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    print(_own_peak_rss_gib())
     return
 
   contenders = {n: build(n, cfg, ids, args.target_tokens, lr) for n in names}

@@ -64,12 +64,12 @@ def get_config():
   c.data.faiss_threads = 0  # 0 = all cores
   c.data.split_seed = 0  # splits depend on this, not on the training seed
   c.data.max_len = 128  # training row length cap (prompt + response tokens)
-  c.data.max_response_tokens = 48  # refusal targets / base answers are cut to this
+  c.data.max_response_tokens = 32  # refusal targets / base answers are cut to this
   c.data.eval_frac = 0.5  # share of benign / borderline prompts kept for evaluation
 
   # --- generation (semsafe_jax/models/generate.py) ---
   c.generate = ml_collections.ConfigDict()
-  c.generate.prompts = []
+  c.generate.prompts = ()  # tuples: config_flags overrides those, not lists
   c.generate.prompts_file = ""
   c.generate.max_new_tokens = 64
   c.generate.batch_size = 8
@@ -77,7 +77,7 @@ def get_config():
   c.generate.top_k = 0
   c.generate.top_p = 1.0
   c.generate.seed = 0
-  c.generate.stop_strings = []
+  c.generate.stop_strings = ()
   c.generate.chat = True  # wrap prompts in the tokenizer's chat template (False: plain text)
   c.generate.adapters = True  # apply trained adapters when the workdir has a checkpoint
 
@@ -88,7 +88,7 @@ def get_config():
   c.adapters.lora_dropout = 0.0
   # Short names (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj) and/or
   # regexes fully matching kernel paths such as "layers/attn/q_proj/kernel".
-  c.adapters.lora_targets = ["q_proj", "v_proj"]
+  c.adapters.lora_targets = ("q_proj", "v_proj")
   c.adapters.embed_mlp = True
   c.adapters.embed_mlp_hidden = 256
 
@@ -96,7 +96,7 @@ def get_config():
   c.loss = ml_collections.ConfigDict()
   c.loss.w_safety = 1.0
   c.loss.lam = 1.0  # consistency weight
-  c.loss.w_capability = 1.0
+  c.loss.w_capability = 2.0
   c.loss.consistency_repr = "refusal_prob"  # hidden | refusal_prob | next_token
   c.loss.scorer = "first_token"  # first_token | soft_pattern | classifier | probe
   c.loss.hidden_layer = -1  # hidden_states index: 0 = embeddings, -1 = final norm output
@@ -104,13 +104,13 @@ def get_config():
   c.loss.normalize_hidden = True  # unit-normalise pooled states before the squared L2
   c.loss.divergence = "js"  # next_token: js | sym_kl
   c.loss.capability = "kl"  # kl (vs the base model's distributions) | ce (its greedy tokens)
-  c.loss.capability_first_token_weight = 10.0  # the answer-or-refuse token counts this much
+  c.loss.capability_first_token_weight = 20.0  # the answer-or-refuse token counts this much
   c.loss.kl_direction = "forward"  # forward = KL(base || adapted) | reverse
   # The LM head runs on the first N target tokens of each row (0 = every position).
   # Keep >= data.max_response_tokens; metric targets_dropped counts any cut off.
   c.loss.max_target_tokens = 48
   c.loss.ambiguous_token_weight = 0.5  # first_token: weight of openers shared with helpful answers
-  c.loss.refusal_phrases = []  # soft_pattern phrases; empty = built-in list
+  c.loss.refusal_phrases = ()  # soft_pattern phrases; empty = built-in list
   c.loss.probe_pool = "prompt"  # probe scorer pools over: prompt | response tokens
   c.loss.classifier_hidden = 64  # refusal classifier (scorer "classifier")
   c.loss.classifier_steps = 300
@@ -130,7 +130,7 @@ def get_config():
 
   # --- training (semsafe_jax/train) ---
   c.train = ml_collections.ConfigDict()
-  c.train.steps = 200
+  c.train.steps = 120
   c.train.lr = 1e-3
   c.train.warmup_steps = 10
   c.train.weight_decay = 0.0
@@ -168,7 +168,7 @@ def get_config():
   c.eval = ml_collections.ConfigDict()
   c.eval.max_new_tokens = 32  # enough for the judge: refusals open the answer
   c.eval.batch_size = 32
-  c.eval.max_per_split = 100  # deterministic subsample per report split (0 = all)
+  c.eval.max_per_split = 60  # deterministic subsample per report split (0 = all)
   c.eval.seed = 0
-  c.eval.base_answer_tokens = 48  # length of the base answers L_capability trains on
+  c.eval.base_answer_tokens = 32  # length of the base answers L_capability trains on
   return c

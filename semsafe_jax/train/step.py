@@ -127,12 +127,13 @@ class TrainStep:
       (loss, metrics), grads = grad_fn(trainable, micro, jax.random.fold_in(rng, k))
       return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
 
-    # Micro-batch 0 seeds the running sums; the scan adds the rest.
-    (loss, metrics), grads = grad_fn(trainable, jax.tree.map(lambda x: x[0], batch),
-                                     jax.random.fold_in(rng, 0))
-    rest = jax.tree.map(lambda x: x[1:], batch)
-    ks = jnp.arange(1, self.grad_accum)
-    (loss, metrics, grads), _ = jax.lax.scan(body, (loss, metrics, grads), (ks, rest))
+    # Zero running sums shaped like one micro-step's outputs (eval_shape adds no
+    # ops), so the HLO holds a single copy of the forward/backward pass.
+    first = jax.tree.map(lambda x: x[0], batch)
+    shapes = jax.eval_shape(grad_fn, trainable, first, rng)
+    (loss_s, metrics_s), grads_s = shapes
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss_s, metrics_s, grads_s))
+    (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(self.grad_accum), batch))
     scale = 1.0 / self.grad_accum
     return jax.tree.map(lambda x: x * scale, (loss, metrics, grads))
 
