@@ -11,8 +11,12 @@ Measures, in float32 on the local CPU (or whatever device JAX picks):
       `transformers` `model.generate(min_new_tokens=64)`;
   (c) our forward's achieved FLOP/s as a fraction of a matmul peak measured
       in the same run (float32 2048x2048 `jnp.dot`, best of several).
-Every number is the median of --reps timed runs after a warm-up run; torch
-uses as many threads as there are cores.
+The torch side is transformers' LlamaForCausalLM holding the same weights.
+Every number is the median of --reps runs after a warm-up, ours and
+transformers alternating; torch uses as many threads as there are cores.
+Run it on an otherwise idle machine: other load slows torch's OpenMP
+threads far more than XLA's, which inflates the ratios (the process CPU-time
+ratio is printed too, and the load average).
 """
 
 from __future__ import annotations
@@ -115,7 +119,8 @@ def main():
   _copy_to_torch(params, cfg, model)
   print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} cores, "
         f"torch threads {torch.get_num_threads()}, jax {jax.__version__}, "
-        f"torch {torch.__version__}, transformers {transformers.__version__}")
+        f"torch {torch.__version__}, transformers {transformers.__version__}; "
+        f"load average {os.getloadavg()[0]:.1f} (other processes skew both sides, torch most)")
 
   # (a) forward.
   B, T = args.batch, args.seq
@@ -171,7 +176,8 @@ def main():
   flops = forward_flops(cfg, B, T)
   print(f"(c) forward {flops / ours_fwd.wall / 1e9:,.1f} GFLOP/s = "
         f"{flops / ours_fwd.wall / peak:.1%} of the float32 2048^2 matmul peak "
-        f"({peak / 1e9:,.1f} GFLOP/s, best of {max(2 * args.reps, 10)})")
+        f"({peak / 1e9:,.1f} GFLOP/s, best of {max(2 * args.reps, 10)}); "
+        f"load average now {os.getloadavg()[0]:.1f}")
 
 
 def report(name: str, tokens: int, ours: Timing, ref: Timing, target: float) -> None:

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import jax
 from absl import logging
 
+from semsafe_jax import adapters as adapters_lib
 from semsafe_jax.models import generate as gen_lib
 from semsafe_jax.models.loading import load_pretrained
 
@@ -62,12 +63,16 @@ def collect_prompts(gc: Any) -> list[str]:
 
 def _adapter_embed(embed_mlp, params, cfg, ids_BxT):
   """embed_fn with the embedding-MLP weights as an argument (traced, not baked in)."""
-  from semsafe_jax import adapters as adapters_lib  # pylint: disable=g-import-not-at-top
   return adapters_lib.adapted_embed_fn({"embed_mlp": embed_mlp})(params, cfg, ids_BxT)
 
 
-def load_trained_adapters(workdir: str, model_name: str | None = None) -> tuple[Any, Any] | None:
-  """(adapters, adapter config) of the latest checkpoint in workdir, or None."""
+def load_trained_adapters(workdir: str, model_name: str | None = None,
+                          adapter_cfg: Any = None) -> tuple[Any, Any] | None:
+  """(adapters, adapter config) of the latest checkpoint in workdir, or None.
+
+  The adapter config is the one saved with the run (its LoRA scale is what the
+  adapters were trained with); `adapter_cfg` is the fallback.
+  """
   try:
     ckpt = importlib.import_module("semsafe_jax.train.checkpoint")
     load_latest = ckpt.load_latest_adapters
@@ -82,7 +87,8 @@ def load_trained_adapters(workdir: str, model_name: str | None = None) -> tuple[
   adapters = trainable.get("adapters", trainable) if isinstance(trainable, dict) else trainable
   adapters = {k: adapters[k] for k in ("lora", "embed_mlp") if adapters.get(k) is not None}
   # A saved run config carries the adapter settings (LoRA scale) the adapters were trained with.
-  adapter_cfg = saved.get("adapters", saved) if isinstance(saved, dict) else saved
+  if isinstance(saved, dict) and saved.get("adapters"):
+    adapter_cfg = saved["adapters"]
   trained_on = (saved.get("model") or {}).get("name_or_path") if isinstance(saved, dict) else None
   if model_name is not None and trained_on is not None and trained_on != model_name:
     logging.warning("The adapters in %s were trained on %r, but model.name_or_path is %r.",
@@ -92,7 +98,6 @@ def load_trained_adapters(workdir: str, model_name: str | None = None) -> tuple[
 
 def apply_trained(params, adapters, adapter_cfg):
   """(adapted params, embed_fn) for generate()."""
-  from semsafe_jax import adapters as adapters_lib  # pylint: disable=g-import-not-at-top
   params = adapters_lib.apply_adapters(params, adapters, adapter_cfg)
   embed_fn = None
   if adapters.get("embed_mlp") is not None:
@@ -110,7 +115,7 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
 
   embed_fn, adapted, step_note = None, False, "base model"
   if gc.adapters:
-    got = load_trained_adapters(workdir, str(mc.name_or_path))
+    got = load_trained_adapters(workdir, str(mc.name_or_path), config.adapters)
     if got is None:
       logging.info("No training checkpoint in %s: generating with the base model.", workdir)
     else:

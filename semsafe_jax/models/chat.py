@@ -64,7 +64,8 @@ def left_pad(ids: Sequence[Sequence[int]], *, length: int | None = None, rows: i
   length = longest if length is None else length
   rows = len(ids) if rows is None else rows
   if longest > length or len(ids) > rows:
-    raise ValueError(f"{len(ids)} sequences of up to {longest} tokens do not fit [{rows}, {length}].")
+    raise ValueError(
+        f"{len(ids)} sequences of up to {longest} tokens do not fit [{rows}, {length}].")
   ids_BxP = np.full((rows, length), pad, np.int32)
   mask_BxP = np.zeros((rows, length), bool)
   for i, x in enumerate(ids):

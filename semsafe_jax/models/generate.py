@@ -59,7 +59,7 @@ def _sample(logits_BxV: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   logits = logits_BxV / s.temperature
   if s.top_k > 0:
-    kth_Bx1 = jax.lax.top_k(logits, s.top_k)[0][:, -1:]
+    kth_Bx1 = jax.lax.top_k(logits, min(s.top_k, logits.shape[-1]))[0][:, -1:]
     logits = jnp.where(logits < kth_Bx1, -jnp.inf, logits)
   if s.top_p < 1.0:
     sorted_BxV = jnp.sort(logits, axis=-1)[:, ::-1]
@@ -110,9 +110,10 @@ def _decode(params: Params, embed_fn: jax.tree_util.Partial, ids_BxP: jax.Array,
     slot = P + step - 1  # the previous token's cache slot
     prev_B = jax.lax.dynamic_index_in_dim(tokens_BxN, step - 1, axis=1, keepdims=False)
     mask_BxS = jax.lax.dynamic_update_slice_in_dim(mask_BxS, jnp.ones((B, 1), bool), slot, 1)
-    out = transformer.forward(params, cfg, inputs_embeds_BxTxD=embed_fn(params, cfg, prev_B[:, None]),
-                              attention_mask_BxS=mask_BxS, positions_BxT=pos_B[:, None],
-                              cache=cache, cache_index=slot, compute_logits=False)
+    x_Bx1xD = embed_fn(params, cfg, prev_B[:, None])
+    out = transformer.forward(params, cfg, inputs_embeds_BxTxD=x_Bx1xD, attention_mask_BxS=mask_BxS,
+                              positions_BxT=pos_B[:, None], cache=cache, cache_index=slot,
+                              compute_logits=False)
     logits_BxV = transformer.lm_head(params, cfg, out.hidden)[:, 0]
     tok_B = _sample(logits_BxV, jax.random.fold_in(key, step), sampling)
     tok_B = jnp.where(done_B, pad, tok_B)  # finished rows emit padding only
