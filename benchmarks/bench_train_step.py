@@ -17,10 +17,13 @@ backward, optimizer update.
 
 Reports tokens/s (batch tokens per second), the ratio to torch, achieved
 useful FLOP/s as a fraction of a float32 matmul peak measured in the same run,
-and peak host memory. Useful FLOPs count the work the loss needs: forward
-matmuls and attention, activation gradients, and unmerged LoRA gradients
-(never the frozen weights' gradients). Timings are medians of --reps steps,
-interleaved across the contenders so machine load hits them alike.
+peak host memory of each contender alone, and the same ratios in CPU seconds
+per step (robust to other processes on a shared machine). Useful FLOPs count
+the work the loss needs: forward matmuls and attention, activation gradients,
+and LoRA gradients as PEFT forms them (through x@a and (xa)@b), never a frozen
+weight's gradient; our merged LoRA also forms the [in, out] gradient of each
+adapted kernel, which counts as overhead. Timings are medians of --reps
+steps, interleaved across the contenders so machine load hits them alike.
 """
 
 from __future__ import annotations
@@ -54,9 +57,9 @@ def matmul_peak_seconds(n: int = 2048):
   f(a, b).block_until_ready()
 
   def run():
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     f(a, b).block_until_ready()
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
   return run, 2 * n**3
 
 
@@ -73,7 +76,7 @@ def useful_flops(cfg, B: int, T: int, loss_tokens: int) -> float:
 
 
 class Ours:
-  """Our TrainStep on a merged-LoRA CE loss."""
+  """Our TrainStep on a LoRA CE loss (LoRA merged by the adapters module)."""
 
   def __init__(self, cfg, params, ids, loss_tokens: int, lr: float):
     T = ids.shape[1]
@@ -196,25 +199,32 @@ def main():
         f"torch threads {torch.get_num_threads()}, jax {jax.__version__}, "
         f"torch {torch.__version__}, load avg {os.getloadavg()[0]:.1f}")
   first = {name: f() for name, f in contenders.items()}  # compile / warm up
-  times = {name: [] for name in contenders}
-  peak = []
+  wall = {name: [] for name in contenders}
+  cpu = {name: [] for name in contenders}
+  peak_wall, peak_cpu = [], []
   for _ in range(args.reps):
     for name, f in contenders.items():
-      t = time.perf_counter()
+      t, c = time.perf_counter(), time.process_time()
       f()
-      times[name].append(time.perf_counter() - t)
-    peak.append(min(peak_run() for _ in range(3)))
-  peak_gflops = peak_flops / statistics.median(peak) / 1e9
+      wall[name].append(time.perf_counter() - t)
+      cpu[name].append(time.process_time() - c)
+    runs = [peak_run() for _ in range(3)]
+    peak_wall.append(min(w for w, _ in runs))
+    peak_cpu.append(min(c for _, c in runs))
+  med = lambda xs: statistics.median(xs)
+  peak_gflops = peak_flops / med(peak_wall) / 1e9
+  peak_per_cpu_s = peak_flops / med(peak_cpu) / 1e9
   load = os.getloadavg()[0]
   memory = {} if args.skip_memory else {n: peak_rss_gib(n, args) for n in names}
 
   print(f"step: batch {B} x {T}, LoRA r={RANK} on {'+'.join(TARGETS)}, AdamW, float32; "
         f"median of {args.reps}; first-step losses "
         + ", ".join(f"{k} {v:.4f}" for k, v in first.items()))
-  ref = statistics.median(times["torch+peft"]) if "torch+peft" in times else None
-  for name, ts in times.items():
-    t = statistics.median(ts)
-    line = f"  {name:19s} {B * T / t:7,.0f} tok/s ({t * 1e3:7.1f} ms/step)"
+  print("  wall clock:")
+  ref = med(wall["torch+peft"]) if "torch+peft" in wall else None
+  for name, ts in wall.items():
+    t = med(ts)
+    line = f"    {name:19s} {B * T / t:7,.0f} tok/s ({t * 1e3:7.1f} ms/step)"
     if ref is not None and not name.startswith("torch"):
       line += f"  {ref / t:.2f}x torch"
     if name.startswith("ours"):
@@ -224,8 +234,24 @@ def main():
     if name in memory:
       line += f"  peak RSS {memory[name]:.2f} GiB"
     print(line)
-  print(f"  float32 2048^2 matmul peak (same run): {peak_gflops:,.0f} GFLOP/s; "
-        f"load avg at the end {load:.1f}")
+  print(f"    float32 2048^2 matmul peak (same run): {peak_gflops:,.0f} GFLOP/s")
+  # CPU seconds (all threads) are far less sensitive to other processes on the
+  # machine than wall time; torch's OpenMP spin-waiting counts as CPU time too
+  # (set OMP_WAIT_POLICY=PASSIVE to exclude it on a busy machine).
+  print("  CPU time (all threads):")
+  ref = med(cpu["torch+peft"]) if "torch+peft" in cpu else None
+  for name, cs in cpu.items():
+    c = med(cs)
+    line = f"    {name:19s} {c:6.2f} CPU-s/step"
+    if ref is not None and not name.startswith("torch"):
+      line += f"  {ref / c:.2f}x torch"
+    if name.startswith("ours"):
+      k = T - 1 if name == "ours (all)" else args.target_tokens
+      per_cpu_s = useful_flops(cfg, B, T, k) / c / 1e9
+      line += f"  useful {per_cpu_s:,.0f} GFLOP per CPU-s = {per_cpu_s / peak_per_cpu_s:.0%} of the matmul's"
+    print(line)
+  print(f"    matmul: {peak_per_cpu_s:,.0f} GFLOP per CPU-s; load avg {load:.1f} at the end "
+        f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')})")
 
 
 if __name__ == "__main__":
