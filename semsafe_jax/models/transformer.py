@@ -254,13 +254,20 @@ def forward(params: Params, cfg: ModelConfig, input_ids_BxT: jax.Array | None = 
   right padding). With a cache, the T new tokens are written at slots
   [cache_index, cache_index + T) and attention_mask_BxS marks every filled
   slot of the cache (the caller keeps it up to date).
+
+  `params["layers"]` may also be a list of per-layer dicts (with the cache,
+  if any, as per-layer lists {"k","v": L x [B, S, K, H]}): the layers then run
+  as a Python loop that reads each layer's weights and cache in place, where
+  XLA:CPU's scan first copies every layer's slice out of the stacked arrays.
+  CPU decoding uses this (generate.py); it compiles L copies of a block.
   """
   if (input_ids_BxT is None) == (inputs_embeds_BxTxD is None):
     raise ValueError("Pass exactly one of input_ids_BxT or inputs_embeds_BxTxD.")
   x = embed(params, cfg, input_ids_BxT) if inputs_embeds_BxTxD is None else inputs_embeds_BxTxD
   x = x.astype(cfg.dtype)
   B, T, _ = x.shape
-  S = T if cache is None else cache["k"].shape[2]
+  unstacked = isinstance(params["layers"], (list, tuple))
+  S = T if cache is None else cache["k"][0].shape[1] if unstacked else cache["k"].shape[2]
   mask_BxS = (jnp.ones((B, S), bool) if attention_mask_BxS is None
               else attention_mask_BxS.astype(bool))
   if positions_BxT is None:  # positions count real tokens only, so left padding is harmless
@@ -295,7 +302,16 @@ def forward(params: Params, cfg: ModelConfig, input_ids_BxT: jax.Array | None = 
     body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
   kc = None if cache is None else cache["k"]
   vc = None if cache is None else cache["v"]
-  h, (new_kv, layer_outs) = jax.lax.scan(body, x, (params["layers"], kc, vc, sliding_L))
+  if unstacked:
+    h, ys = x, []
+    for i, p in enumerate(params["layers"]):
+      h, y = body(h, (p, None if kc is None else kc[i], None if vc is None else vc[i],
+                      cfg.sliding_layers[i]))
+      ys.append(y)
+    new_kv = None if cache is None else ([y[0][0] for y in ys], [y[0][1] for y in ys])
+    layer_outs = jnp.stack([y[1] for y in ys]) if output_hidden_states else None
+  else:
+    h, (new_kv, layer_outs) = jax.lax.scan(body, x, (params["layers"], kc, vc, sliding_L))
   h_final = rms_norm(h, params["final_norm"]["scale"], cfg.rms_eps, cfg.norm_offset)
 
   hidden_states = None
