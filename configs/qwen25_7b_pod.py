@@ -7,32 +7,19 @@ import importlib.util
 import pathlib
 
 
-def _default():
-  path = pathlib.Path(__file__).with_name("default.py")
-  spec = importlib.util.spec_from_file_location("semsafe_default_config", path)
+def _llama_pod():
+  # Same pod recipe as the Llama 8B config (configs/ is not a package, so load
+  # it by path); only the model differs.
+  path = pathlib.Path(__file__).with_name("llama3_8b_pod.py")
+  spec = importlib.util.spec_from_file_location("semsafe_llama3_8b_pod_config", path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod.get_config()
 
 
 def get_config():
-  c = _default()
-  c.multihost = True
+  c = _llama_pod()
   c.model.name_or_path = "Qwen/Qwen2.5-7B-Instruct"
-  c.model.dtype = "bfloat16"
-  c.model.param_dtype = "bfloat16"
-  c.model.remat = True
-  c.data.harmful_per_step = 64
-  c.data.benign_per_step = 64
-  c.data.pairs_per_step = 128
-  c.train.steps = 1000
-  c.train.lr = 2e-4
-  c.train.warmup_steps = 50
-  c.train.log_every = 10
-  # 15 GB of bf16 weights (152k vocab): FSDP over one host's 4 chips.
-  c.train.mesh.data = -1
-  c.train.mesh.fsdp = 4
-  c.train.sharding = "fsdp"
-  c.checkpoint.every = 100
-  c.generate.batch_size = 64
+  # 15 GB of bf16 weights (152k vocab): the Llama config's FSDP over one
+  # host's 4 chips fits as is.
   return c

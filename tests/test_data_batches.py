@@ -137,3 +137,66 @@ def test_pairable_anchor_frac_trades_pairs_for_coverage():
   with pytest.raises(DataError, match="pairable_anchor_frac"):
     PairBatcher(np.arange(300), np.arange(300, 320), nb, TAU, harmful_per_step=16,
                 benign_per_step=4, pairs_per_step=64, pairable_anchor_frac=1.5)
+
+
+# --- borderline_share -----------------------------------------------------------
+
+BORDERLINE = np.arange(340, 360)  # overlaps the fixture's benign rows 300..349 on 340..349
+
+
+def make_bord(data, share, borderline=BORDERLINE, **kw):
+  return make(data, borderline_idx=borderline, borderline_share=share, **kw)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.3, 0.5, 0.6, 1.0])
+def test_borderline_share_fixes_counts_per_batch(data, share):
+  pure_benign = np.setdiff1d(data[3], BORDERLINE)  # overlap rows count as borderline only
+  want = round(share * 8)
+  batcher = make_bord(data, share, num_shards=2)
+  for step in range(20):
+    b = batcher.batch(step)
+    assert b.benign_idx.shape == (8,) and b.benign_idx.dtype == np.int32
+    is_bord = np.isin(b.benign_idx, BORDERLINE)
+    assert is_bord.sum() == want, (step, b.benign_idx)
+    assert np.isin(b.benign_idx[~is_bord], pure_benign).all()
+    assert len(set(b.benign_idx)) == 8  # both pools are big enough: no repeats
+
+
+def test_borderline_share_is_a_function_of_seed_and_step(data):
+  a, b = make_bord(data, 0.5), make_bord(data, 0.5)
+  for step in (0, 3, 11):
+    np.testing.assert_array_equal(a.batch(step).benign_idx, b.batch(step).benign_idx)
+  # Reverse order: no state carried between calls.
+  np.testing.assert_array_equal(b.batch(3).benign_idx, a.batch(3).benign_idx)
+  assert not np.array_equal(a.batch(0).benign_idx, a.batch(1).benign_idx)
+  other = make_bord(data, 0.5, seed=8)
+  assert not np.array_equal(other.batch(0).benign_idx, a.batch(0).benign_idx)
+
+
+@pytest.mark.parametrize("share", [None, -1.0])
+def test_borderline_share_off_draws_from_the_union(data, share):
+  """None / negative: the old behaviour, benign and borderline rows drawn as one pool."""
+  _, nb, train, benign = data
+  # The pre-borderline_share batcher, fed the union as its benign rows.
+  old = PairBatcher(train, np.union1d(benign, BORDERLINE), nb, TAU, harmful_per_step=16,
+                    benign_per_step=8, pairs_per_step=24, seed=7)
+  new = make_bord(data, share)
+  seen = []
+  for step in range(30):
+    got = new.batch(step).benign_idx
+    np.testing.assert_array_equal(got, old.batch(step).benign_idx)
+    seen.append(got)
+  seen = np.concatenate(seen)
+  assert np.isin(seen, np.setdiff1d(BORDERLINE, benign)).any()  # borderline-only rows show up
+
+
+def test_borderline_share_errors(data):
+  with pytest.raises(DataError, match="borderline_share=1.5"):
+    make_bord(data, 1.5)
+  with pytest.raises(DataError, match="no training borderline"):
+    make_bord(data, 0.5, borderline=())
+  make_bord(data, 0.0, borderline=())  # share 0 needs no borderline rows
+  _, nb, train, _ = data
+  with pytest.raises(DataError, match="no training benign"):  # benign rows are all borderline
+    PairBatcher(train, BORDERLINE, nb, TAU, harmful_per_step=16, benign_per_step=8,
+                pairs_per_step=24, borderline_idx=BORDERLINE, borderline_share=0.5)

@@ -2,12 +2,11 @@
 
 import dataclasses
 import json
-import pathlib
 
 import numpy as np
 import pytest
 
-from semsafe_jax.data import builtin, embed, loaders, neighbors
+from semsafe_jax.data import neighbors
 from semsafe_jax.data.neighbors import IndexOptions
 
 
@@ -29,24 +28,7 @@ def brute_topk(emb, k):
   return ids, np.take_along_axis(sims, ids, 1)
 
 
-SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
-XSTEST = SHARED / "xstest" / "xstest_prompts.csv"
-
-
-@pytest.fixture(scope="session")
-def real_data(tmp_path_factory):
-  """Built-in prompts (+ XSTest when the shared folder exists) and their SBERT embeddings.
-
-  Same sources and session cache dir as test_data_splits / test_data_pipeline, so the
-  session encodes them once (the on-disk cache is keyed by model + exact texts).
-  """
-  if not builtin.builtin_available():
-    pytest.skip("semsafe_jax/data/builtin/prompts.jsonl not written yet")
-  sources = ["builtin"] + ([f"xstest:{XSTEST}"] if XSTEST.is_file() else [])
-  prompts, _ = loaders.load_sources(sources)
-  emb = embed.embed_texts([p.text for p in prompts],
-                          cache_dir=tmp_path_factory.getbasetemp() / "sbert_cache")
-  return prompts, emb
+# `real_data` (built-in prompts + SBERT embeddings) is a fixture from conftest.py.
 
 
 def test_flat_search_is_exact_and_excludes_self():

@@ -1,16 +1,13 @@
 """Splits: deterministic by seed, leak-free held-out intents, XSTest never in training."""
 
-import pathlib
-
 import numpy as np
 import pytest
 
-from semsafe_jax.data import builtin, embed, loaders, splits
+from conftest import XSTEST
+from semsafe_jax.data import splits
 from semsafe_jax.data.schema import DataError, Prompt, check_trainable
 
 TAU = 0.7
-SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
-XSTEST = SHARED / "xstest" / "xstest_prompts.csv"
 
 
 def unit(x):
@@ -161,16 +158,7 @@ def test_split_ids_round_trip():
   assert all(np.array_equal(s[k], back[k]) for k in s)
 
 
-@pytest.fixture(scope="session")
-def real_data(tmp_path_factory):
-  """Same sources and cache as test_data_neighbors/test_data_pipeline: encoded once."""
-  if not builtin.builtin_available():
-    pytest.skip("semsafe_jax/data/builtin/prompts.jsonl not written yet")
-  sources = ["builtin"] + ([f"xstest:{XSTEST}"] if XSTEST.is_file() else [])
-  prompts, _ = loaders.load_sources(sources)
-  emb = embed.embed_texts([p.text for p in prompts],
-                          cache_dir=tmp_path_factory.getbasetemp() / "sbert_cache")
-  return prompts, emb
+# `real_data` (built-in prompts + SBERT embeddings) is a fixture from conftest.py.
 
 
 @pytest.mark.parametrize("seed", [0, 1])

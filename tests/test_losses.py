@@ -6,6 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import ACFG, TINY, V
 from semsafe_jax import adapters as A
 from semsafe_jax.losses import capability as C
 from semsafe_jax.losses import common
@@ -14,14 +15,6 @@ from semsafe_jax.losses import safety as S
 from semsafe_jax.losses import scorers
 from semsafe_jax.losses import total as T
 from semsafe_jax.models import transformer
-from semsafe_jax.models.config import ModelConfig
-
-V = 128
-TINY = ModelConfig(family="llama", vocab_size=V, hidden_size=64, intermediate_size=96,
-                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
-ACFG = ml_collections.ConfigDict(dict(lora_rank=4, lora_alpha=8.0, lora_dropout=0.0,
-                                      lora_targets=["q_proj", "v_proj"], embed_mlp=True,
-                                      embed_mlp_hidden=32))
 
 
 def loss_cfg(**kw):
@@ -61,18 +54,7 @@ def make_batch(seed=0):
   }
 
 
-@pytest.fixture(scope="module")
-def base():
-  # One compiled init instead of one eager op per parameter shape.
-  return jax.jit(transformer.init_params, static_argnums=0)(TINY, jax.random.key(0))
-
-
-@pytest.fixture(scope="module")
-def adapters(base):
-  """Non-trivial adapters (numpy noise: no per-shape compiles)."""
-  rng = np.random.default_rng(2)
-  ad = A.init_adapters(ACFG, TINY, base, jax.random.key(1))
-  return jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape, np.float32), ad)
+# `base` (tiny model params) and `adapters` are fixtures from conftest.py.
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +106,33 @@ def test_safety_known_values():
   assert S.safety_loss(logits, targets, mask, jnp.zeros(2)) == 0.0
   g = jax.grad(lambda x: S.safety_loss(x, targets, mask, jnp.zeros(2)))(logits)
   assert np.all(np.isfinite(g)) and not np.any(g)
+
+
+def test_safety_first_token_weight():
+  """Column 0 (the first refusal token) counts first_token_weight times in the mean."""
+  rng = np.random.default_rng(0)
+  logits = rng.standard_normal((3, 4, 7)).astype(np.float32) * 2
+  targets = rng.integers(0, 7, (3, 4))
+  mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]], bool)  # row 2: no targets
+  w = np.array([1.0, 2.0, 3.0], np.float32)
+  lp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  ce = -np.take_along_axis(lp, targets[..., None], -1)[..., 0]
+
+  def want(first_w, row_w):
+    m = mask * row_w[:, None]
+    m[:, 0] *= first_w
+    return (ce * m).sum() / m.sum()
+
+  args = (jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+  np.testing.assert_allclose(S.safety_loss(*args, jnp.asarray(w), first_token_weight=5.0),
+                             want(5.0, w), rtol=1e-5)
+  np.testing.assert_allclose(S.safety_loss(*args, first_token_weight=5.0),
+                             want(5.0, np.ones(3, np.float32)), rtol=1e-5)
+  # 1 is the old behaviour: the plain (row-weighted) token mean.
+  old = (ce * mask * w[:, None]).sum() / (mask * w[:, None]).sum()
+  np.testing.assert_allclose(S.safety_loss(*args, jnp.asarray(w), first_token_weight=1.0), old,
+                             rtol=1e-5)
+  assert S.safety_loss(*args, jnp.asarray(w)) == S.safety_loss(*args, jnp.asarray(w), 1.0)
 
 
 # --- L_consistency ----------------------------------------------------------------
@@ -311,6 +320,25 @@ def test_total_loss_target_cap(base, adapters, aux):
   _, m2 = run_total(adapters, base, capped, aux, cfg)
   np.testing.assert_allclose(m2["l_safety"], m["l_safety"], rtol=1e-6)
 
+
+
+def test_total_loss_safety_first_token_weight(base, adapters, aux):
+  """loss.safety_first_token_weight reaches L_safety (safety-only configs: cheap compiles)."""
+  batch = make_batch()
+  only_safety = dict(lam=0.0, w_capability=0.0)
+  _, m1 = run_total(adapters, base, batch, aux, loss_cfg(**only_safety))
+  _, m5 = run_total(adapters, base, batch, aux,
+                    loss_cfg(safety_first_token_weight=5.0, **only_safety))
+  # The first-target-token CE alone (every harmful row has targets).
+  _, m_first = run_total(adapters, base, batch, aux,
+                         loss_cfg(max_target_tokens=1, **only_safety))
+  w = batch["harm_weight"]
+  w_all = float((batch["harm_target_mask"].sum(1) * w).sum())  # weighted token count
+  w_first = float(w.sum())
+  want = (m1["l_safety"] * w_all + 4 * m_first["l_safety"] * w_first) / (w_all + 4 * w_first)
+  np.testing.assert_allclose(m5["l_safety"], want, rtol=1e-5)
+  assert abs(float(m5["l_safety"]) - float(m1["l_safety"])) > 1e-4
+  np.testing.assert_allclose(m5["l_total"], m5["l_safety"], rtol=1e-6)
 
 # The capability term is covered by two configs; the others turn it off to keep
 # compile time (one extra forward + backward each) out of the suite.

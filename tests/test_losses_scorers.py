@@ -6,23 +6,15 @@ import re
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
+from conftest import ACFG, TINY, V
 from semsafe_jax import adapters as A
 from semsafe_jax.losses import scorers as S
 from semsafe_jax.models import transformer
-from semsafe_jax.models.config import ModelConfig
 from semsafe_jax.probes import refusal as R
 from semsafe_jax.probes import safety as P
-
-V = 128
-TINY = ModelConfig(family="llama", vocab_size=V, hidden_size=64, intermediate_size=96,
-                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
-ACFG = ml_collections.ConfigDict(dict(lora_rank=4, lora_alpha=8.0, lora_dropout=0.0,
-                                      lora_targets=["q_proj", "v_proj"], embed_mlp=True,
-                                      embed_mlp_hidden=32))
 
 
 class WordTokenizer:
@@ -43,17 +35,8 @@ class WordTokenizer:
     return out
 
 
-@pytest.fixture(scope="module")
-def base():
-  # One compiled init instead of one eager op per parameter shape.
-  return jax.jit(transformer.init_params, static_argnums=0)(TINY, jax.random.key(0))
-
-
-def trained_adapters(base):
-  """Non-trivial adapters (so every adapter leaf has a gradient path)."""
-  rng = np.random.default_rng(2)
-  ad = A.init_adapters(ACFG, TINY, base, jax.random.key(1))
-  return jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape, np.float32), ad)
+# `base` (tiny model params) and `adapters` (non-trivial adapters) are fixtures
+# from conftest.py.
 
 
 def assert_grads_reach_adapters(grads, parts=("lora", "embed_mlp")):
@@ -89,21 +72,20 @@ def test_first_token_prob_known_values():
   np.testing.assert_allclose(p, [0.25, 0.45], rtol=1e-6)
 
 
-def test_first_token_refusal_beats_compliance_and_grads(base):
+def test_first_token_refusal_beats_compliance_and_grads(base, adapters):
   tok = WordTokenizer()
   ids, w = S.refusal_first_tokens(tok)
   refuse = jnp.zeros(V).at[tok.encode("Sorry")[0]].set(8.0)
   comply = jnp.zeros(V).at[tok.encode("Sure")[0]].set(8.0)
   p = S.first_token_refusal_prob(jnp.stack([refuse, comply]), ids, w)
   assert p[0] > 0.9 and p[1] < 0.1
-  ad = trained_adapters(base)
   x = jax.random.randint(jax.random.key(3), (2, 6), 0, V)
 
   def score(a):
     logits = A.adapted_forward(base, a, TINY, ACFG, x).logits[:, -1]
     return S.first_token_refusal_prob(logits, ids, w).sum()
 
-  assert_grads_reach_adapters(jax.jit(jax.grad(score))(ad))
+  assert_grads_reach_adapters(jax.jit(jax.grad(score))(adapters))
 
 
 @pytest.mark.skipif(not glob.glob(os.path.join(
@@ -178,7 +160,7 @@ def test_soft_pattern_model_path_matches_manual(base):
     np.testing.assert_allclose(got[b], np.mean(np.exp(per)), rtol=2e-4)
 
 
-def test_soft_pattern_refusal_beats_compliance_and_grads(base):
+def test_soft_pattern_refusal_beats_compliance_and_grads(base, adapters):
   tok = WordTokenizer()
   ph_ids, ph_mask = S.tokenize_phrases(tok)
   assert ph_ids.shape[0] == len(S.REFUSAL_PHRASES)
@@ -191,7 +173,6 @@ def test_soft_pattern_refusal_beats_compliance_and_grads(base):
   tmask = jnp.tile(jnp.asarray(ph_mask), (2, 1))
   p = S.soft_pattern_prob(logits, targets, tmask, R)
   assert p[0] > 0.9 and p[1] < 0.01
-  ad = trained_adapters(base)
   ids = jax.random.randint(jax.random.key(4), (2, 6), 0, V)
   ph = jnp.asarray(ph_ids % V)
 
@@ -201,7 +182,7 @@ def test_soft_pattern_refusal_beats_compliance_and_grads(base):
                                        jnp.asarray(ph_mask),
                                        embed_fn=A.adapted_embed_fn(a)).sum()
 
-  assert_grads_reach_adapters(jax.jit(jax.grad(score))(ad))
+  assert_grads_reach_adapters(jax.jit(jax.grad(score))(adapters))
 
 
 # --- (c) classifier ---------------------------------------------------------------
@@ -218,7 +199,7 @@ def synthetic_responses(seed=0, n=24, T=8):
   return ref, com, mask
 
 
-def test_classifier_training_and_scores(base):
+def test_classifier_training_and_scores(base, adapters):
   ref, com, mask = synthetic_responses()
   emb = base["embed"]["embedding"]
   clf, metrics = R.train_refusal_classifier(emb, ref, mask, com, mask, hidden=16, steps=150)
@@ -230,14 +211,13 @@ def test_classifier_training_and_scores(base):
   p = S.classifier_score(clf, logits, jnp.asarray(np.concatenate([mask2, mask2])), emb)
   assert np.all(p[:6] > 0.5) and np.all(p[6:] < 0.5)
   # Gradients through the model's predicted distributions reach the adapters.
-  ad = trained_adapters(base)
   ids = jnp.asarray(ref2[:2])
 
   def score(a):
     logits = A.adapted_forward(base, a, TINY, ACFG, ids).logits
     return S.classifier_score(clf, logits, jnp.ones(ids.shape, bool), emb).sum()
 
-  assert_grads_reach_adapters(jax.jit(jax.grad(score))(ad))
+  assert_grads_reach_adapters(jax.jit(jax.grad(score))(adapters))
 
 
 def test_classifier_save_load(tmp_path):
@@ -253,7 +233,7 @@ def test_classifier_save_load(tmp_path):
 # --- (d) hidden-state probe ---------------------------------------------------------
 
 
-def test_probe_score_and_grads(base):
+def test_probe_score_and_grads(base, adapters):
   # A probe trained on pooled hidden states of refusal-like vs compliant-like tokens.
   ref, com, mask = synthetic_responses(n=12)
   ids = np.concatenate([ref, com]).astype(np.int32)
@@ -279,6 +259,6 @@ def test_probe_score_and_grads(base):
   want = 1 / (1 + np.exp(-(((f - probe["mu"]) / probe["sd"]) @ probe["w"] + probe["b"])))
   np.testing.assert_allclose(p, want, rtol=1e-4)
   g = jax.jit(jax.grad(lambda a: score(a, jnp.asarray(ids), jnp.asarray(masks)).sum()))(
-      trained_adapters(base))
+      adapters)
   # The embedding MLP always feeds the probed layer; LoRA only past layer 0.
   assert_grads_reach_adapters(g, parts=("embed_mlp",) + (("lora",) if layer > 0 else ()))

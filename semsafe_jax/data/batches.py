@@ -3,7 +3,8 @@
 Every step has the same shapes, so one jitted step serves the whole run:
 
   harmful_idx  int32 [B_h]    prompt rows; D contiguous shard blocks of S = B_h / D
-  benign_idx   int32 [B_b]    benign/borderline prompt rows (capability / over-refusal)
+  benign_idx   int32 [B_b]    benign/borderline prompt rows (capability / over-refusal); with
+                              `borderline_share`, round(share * B_b) of them are borderline
   pair_index   int32 [P, 2]   positions in harmful_idx; rows [d*P/D, (d+1)*P/D) belong to
                               shard d and only point into shard d's block
   pair_weight  float32 [P]    SBERT cosine of the pair (0 for padding)
@@ -53,7 +54,8 @@ class PairBatcher:
   def __init__(self, harmful_idx: Sequence[int], benign_idx: Sequence[int], neighbors: Neighbors,
                tau: float, *, harmful_per_step: int, benign_per_step: int, pairs_per_step: int,
                num_shards: int = 1, neighbors_per_anchor: int = 3,
-               pairable_anchor_frac: float = 0.5, seed: int = 0):
+               pairable_anchor_frac: float = 0.5, seed: int = 0,
+               borderline_idx: Sequence[int] = (), borderline_share: float | None = None):
     d = num_shards
     if d < 1:
       raise DataError(f"num_shards={d} must be >= 1")
@@ -66,10 +68,25 @@ class PairBatcher:
       raise DataError(f"harmful_per_step={harmful_per_step} must be >= num_shards={d}")
     self.harmful_rows = np.unique(np.asarray(harmful_idx, np.int64))
     self.benign_rows = np.unique(np.asarray(benign_idx, np.int64))
+    # Borderline prompts (XSTest-like homonyms: "kill a process") are the over-refusal
+    # risk, so a fixed share of the benign block may be reserved for them.
+    self.borderline_rows = np.unique(np.asarray(borderline_idx, np.int64))
+    self.n_borderline = 0
+    if borderline_share is not None and borderline_share >= 0:
+      if borderline_share > 1:
+        raise DataError(f"borderline_share={borderline_share} must be in [0, 1]")
+      self.n_borderline = int(round(borderline_share * benign_per_step))
+      if self.n_borderline and self.borderline_rows.size == 0:
+        raise DataError("borderline_share > 0 but there are no training borderline prompts")
+      self.benign_rows = np.setdiff1d(self.benign_rows, self.borderline_rows)
+      if benign_per_step - self.n_borderline and self.benign_rows.size == 0:
+        raise DataError("borderline_share < 1 but there are no training benign prompts")
+    else:
+      self.benign_rows = np.union1d(self.benign_rows, self.borderline_rows)
+      if benign_per_step and self.benign_rows.size == 0:
+        raise DataError("benign_per_step > 0 but there are no training benign/borderline prompts")
     if self.harmful_rows.size == 0:
       raise DataError("No training harmful prompts to batch")
-    if benign_per_step and self.benign_rows.size == 0:
-      raise DataError("benign_per_step > 0 but there are no training benign/borderline prompts")
     self.b_h, self.b_b, self.p, self.d = harmful_per_step, benign_per_step, pairs_per_step, d
     if not 0.0 <= pairable_anchor_frac <= 1.0:
       raise DataError(f"pairable_anchor_frac={pairable_anchor_frac} must be in [0, 1]")
@@ -108,8 +125,9 @@ class PairBatcher:
       pair_weight += [s for _, _, s in cand] + [0.0] * pad
       pair_valid += [True] * len(cand) + [False] * pad
       harmful.extend(rows)
-    benign = rng.choice(self.benign_rows, self.b_b, replace=self.benign_rows.size < self.b_b) \
-        if self.b_b else np.zeros(0, np.int64)
+    n_bord = self.n_borderline
+    benign = np.concatenate([_draw(rng, self.borderline_rows, n_bord),
+                             _draw(rng, self.benign_rows, self.b_b - n_bord)])
     return PairBatch(step=step,
                      harmful_idx=np.asarray(harmful, np.int32),
                      benign_idx=np.asarray(benign, np.int32),
@@ -148,6 +166,13 @@ class PairBatcher:
       if row not in used:
         return row
     return row  # tiny pools: a repeat beats an error
+
+
+def _draw(rng: np.random.Generator, rows: np.ndarray, n: int) -> np.ndarray:
+  """n rows, without repeats while the pool allows."""
+  if not n:
+    return np.zeros(0, np.int64)
+  return rng.choice(rows, n, replace=rows.size < n)
 
 
 def _train_graph(train_rows: np.ndarray, nb: Neighbors, tau: float

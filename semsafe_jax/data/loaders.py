@@ -14,6 +14,13 @@ A source is a spec string from `config.data.sources`:
 Any spec may end in URL-style options, e.g. "jbb:benign-behaviors.csv?label=benign",
 "csv:mine.csv?text_col=prompt&source=redteam", "hf:org/name?split=train&config=x&format=jbb".
 
+Labels are harmful | benign | borderline | unlabeled. "unlabeled" (e.g.
+"jsonl:scraped.jsonl?label=unlabeled", or a label column / config.data.default_label
+saying so) marks prompts of unknown harm: they go to the training-only split
+train_unlabeled, are never evaluated, and are trained on only with
+probe.use="flag_unlabeled", as harmful, when the safety probe flags them. The
+built-in data is fully labelled.
+
 Every row problem (missing text, duplicate, bad bytes, unknown label, ...) is a
 `DataError` naming the file and row, unless on_bad_rows="warn", in which case it is
 counted, logged and skipped. Every load logs how many rows were kept and skipped.

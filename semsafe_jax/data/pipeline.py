@@ -16,14 +16,14 @@ import dataclasses
 import json
 import os
 import pathlib
-from typing import Any
+from typing import Any, Sequence
 
 from absl import logging
 import numpy as np
 
 from semsafe_jax.data import builtin, embed, loaders, neighbors, splits as splits_lib
 from semsafe_jax.data.batches import PairBatcher
-from semsafe_jax.data.schema import Prompt, check_trainable
+from semsafe_jax.data.schema import DataError, Prompt, check_trainable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,10 +106,20 @@ def prepare_data(config: Any, workdir: str | os.PathLike[str]) -> PreparedData:
                       mining_stats=stats, split_report=report, workdir=workdir)
 
 
-def make_batcher(data: PreparedData, config: Any, num_shards: int = 1) -> PairBatcher:
-  """The training batcher over the train splits, sized by config.data, seeded by config.seed."""
+def make_batcher(data: PreparedData, config: Any, num_shards: int = 1,
+                 extra_harmful: Sequence[int] = ()) -> PairBatcher:
+  """The training batcher over the train splits, sized by config.data, seeded by config.seed.
+
+  extra_harmful: train_unlabeled rows to train on as harmful (the probe-flagged ones).
+  """
   cfg = config.data
-  harmful = data.splits["train"]
+  extra_harmful = np.asarray(extra_harmful, np.int64)
+  # Anything else would put evaluation prompts into training.
+  stray = np.setdiff1d(extra_harmful, data.splits.get(splits_lib.UNLABELED_SPLIT, []))
+  if stray.size:
+    raise DataError(f"extra_harmful rows {stray[:5].tolist()} are not in "
+                    f"{splits_lib.UNLABELED_SPLIT}")
+  harmful = np.union1d(data.splits["train"], extra_harmful)
   benign = np.concatenate([data.splits["train_benign"], data.splits["train_borderline"]])
   extra = list(cfg.get("eval_only_sources", []))
   check_trainable(data.prompts, harmful, extra)
@@ -118,4 +128,11 @@ def make_batcher(data: PreparedData, config: Any, num_shards: int = 1) -> PairBa
                      harmful_per_step=cfg.harmful_per_step, benign_per_step=cfg.benign_per_step,
                      pairs_per_step=cfg.pairs_per_step, num_shards=num_shards,
                      neighbors_per_anchor=cfg.get("neighbors_per_anchor", 3),
-                     pairable_anchor_frac=cfg.get("pairable_anchor_frac", 0.5), seed=config.seed)
+                     pairable_anchor_frac=cfg.get("pairable_anchor_frac", 0.5), seed=config.seed,
+                     borderline_idx=data.splits["train_borderline"],
+                     borderline_share=_share(cfg.get("borderline_share", -1.0)))
+
+
+def _share(value: Any) -> float | None:
+  """config.data.borderline_share: a share in [0, 1], or < 0 for "in proportion to the data"."""
+  return None if value is None or float(value) < 0 else float(value)

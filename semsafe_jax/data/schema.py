@@ -13,7 +13,11 @@ from typing import Any, Iterable, Sequence
 
 from absl import logging
 
-LABELS = ("harmful", "benign", "borderline")
+# "unlabeled": prompts of unknown harm (a source's ?label=unlabeled, a label column or
+# config.data.default_label). Never evaluated; with probe.use="flag_unlabeled" the
+# safety probe picks which of them are trained on as harmful (see splits.py).
+UNLABELED = "unlabeled"
+LABELS = ("harmful", "benign", "borderline", UNLABELED)
 # Sources whose prompts may only ever be evaluated on: training on them would make
 # the over-refusal numbers meaningless. Config can add more, never remove these.
 EVAL_ONLY_SOURCES = frozenset({"xstest"})
@@ -32,7 +36,7 @@ class Prompt:
 
   id: str
   text: str
-  label: str  # harmful | benign | borderline
+  label: str  # harmful | benign | borderline | unlabeled
   category: str = ""
   intent_id: str = ""  # empty -> the prompt is its own intent (see `validate_prompt`)
   style: str = ""

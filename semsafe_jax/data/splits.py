@@ -10,6 +10,10 @@ Harmful prompts (grouped by `intent_id`):
                     together; the report lists which intents moved with which.
 Benign and borderline prompts: train_* / eval_* (eval_frac of each label to eval).
 Eval-only sources (XSTest, ...): eval_only_{harmful,benign,borderline}; never train.
+Unlabeled prompts: train_unlabeled, training-only and never evaluated (no label to score
+  against); probe.use="flag_unlabeled" trains on the ones the safety probe flags, as
+  harmful. Ones at cosine >= tau to a heldout_intent prompt go to
+  excluded_near_heldout_intent instead, as a flagged one would leak that intent.
 All choices depend only on (seed, the prompts' ids and texts), not on load order.
 """
 
@@ -21,12 +25,16 @@ from typing import Any, Iterable, Sequence
 from absl import logging
 import numpy as np
 
-from semsafe_jax.data.schema import DataError, Prompt, check_trainable, eval_only_sources
+from semsafe_jax.data.schema import (UNLABELED, DataError, Prompt, check_trainable,
+                                     eval_only_sources)
 
-TRAIN_SPLITS = ("train", "train_benign", "train_borderline")
+TRAIN_SPLITS = ("train", "train_benign", "train_borderline")  # the labelled ones
+UNLABELED_SPLIT = "train_unlabeled"
+TRAINABLE_SPLITS = (*TRAIN_SPLITS, UNLABELED_SPLIT)  # everything that may reach a trainer
 SPLIT_NAMES = ("train", "heldout_phrasing", "heldout_intent", "train_benign", "eval_benign",
                "train_borderline", "eval_borderline", "eval_only_harmful", "eval_only_benign",
-               "eval_only_borderline", "excluded_near_eval_only")
+               "eval_only_borderline", "excluded_near_eval_only", UNLABELED_SPLIT,
+               "excluded_near_heldout_intent")
 # Separate random streams, so changing one fraction does not reshuffle the others.
 _INTENT_STREAM, _PHRASING_STREAM, _BENIGN_STREAM = 1, 2, 3
 _MAX_REPORTED_LINKS = 200
@@ -139,6 +147,11 @@ def make_splits(prompts: Sequence[Prompt], emb_NxD: np.ndarray, *, tau: float, s
   banned = eval_only_sources(extra_eval_only)
   by_id = sorted(range(len(prompts)), key=lambda i: prompts[i].id)  # load-order independent
   splits: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
+  unusable = [prompts[i].id for i in by_id
+              if prompts[i].source in banned and prompts[i].label == UNLABELED]
+  if unusable:
+    raise DataError(f"{len(unusable)} unlabeled prompt(s) from eval-only sources, e.g. "
+                    f"{unusable[:3]}: they can be neither evaluated (no label) nor trained on")
   for i in by_id:
     if prompts[i].source in banned:
       splits[f"eval_only_{prompts[i].label}"].append(i)
@@ -208,12 +221,23 @@ def make_splits(prompts: Sequence[Prompt], emb_NxD: np.ndarray, *, tau: float, s
     splits[f"train_{label}"].extend(rows[j] for j in order[n_eval:] if rows[j] not in near)
     excluded.extend(rows[j] for j in order[n_eval:] if rows[j] in near)
 
+  # Unlabeled prompts draw no random numbers: adding them leaves the labelled splits as they were.
+  unlabeled = [i for i in by_id if prompts[i].label == UNLABELED and i not in near]
+  excluded.extend(i for i in by_id if prompts[i].label == UNLABELED and i in near)
+  near_heldout = []
+  if unlabeled and splits["heldout_intent"]:
+    cos = _max_cosines(emb_NxD, unlabeled, sorted(splits["heldout_intent"]))
+    near_heldout = [r for r, c in zip(unlabeled, cos) if c >= tau]
+    unlabeled = [r for r, c in zip(unlabeled, cos) if c < tau]
+  splits[UNLABELED_SPLIT].extend(unlabeled)
+  splits["excluded_near_heldout_intent"].extend(near_heldout)
+
   out = {name: np.asarray(sorted(rows), dtype=np.int64) for name, rows in splits.items()}
-  for name in TRAIN_SPLITS:
+  for name in TRAINABLE_SPLITS:
     check_trainable(prompts, out[name], extra_eval_only)
 
   # The leakage rule, verified directly rather than trusted from the construction.
-  seen = np.concatenate([out["train"], out["heldout_phrasing"]])
+  seen = np.concatenate([out["train"], out["heldout_phrasing"], out[UNLABELED_SPLIT]])
   max_cos = max_cross_cosine(emb_NxD, seen, out["heldout_intent"])
   if max_cos >= tau:
     raise DataError(f"Leak: a train prompt has cosine {max_cos:.3f} >= tau={tau} "
@@ -231,7 +255,8 @@ def make_splits(prompts: Sequence[Prompt], emb_NxD: np.ndarray, *, tau: float, s
                   "heldout": len(heldout_intents), "train": len(intents) - len(heldout_intents)},
       "rule": ("intents with a cross-intent prompt pair at cosine >= tau form one linked group; "
                "a group is held out whole or kept in train whole, so no train (or "
-               "heldout_phrasing) prompt is within tau of a heldout_intent prompt"),
+               "heldout_phrasing) prompt is within tau of a heldout_intent prompt; "
+               "unlabeled prompts within tau of one are excluded"),
       "linked_groups": {
           "count": len(groups),
           "multi_intent": sum(len(g) > 1 for g in groups),
@@ -243,12 +268,18 @@ def make_splits(prompts: Sequence[Prompt], emb_NxD: np.ndarray, *, tau: float, s
       "kept_in_train_groups_too_big": [[intents[i] for i in g] for g in too_big[:20]],
       "max_cos_train_vs_heldout_intent": round(max_cos, 4),
       "max_cos_train_vs_eval_only": round(max_cross_cosine(
-          emb_NxD, np.concatenate([out[name] for name in TRAIN_SPLITS]), eval_only), 4),
+          emb_NxD, np.concatenate([out[name] for name in TRAINABLE_SPLITS]), eval_only), 4),
       "eval_only_sources": sorted(banned),
       "excluded_near_eval_only": {
           "count": len(out["excluded_near_eval_only"]),
           "why": "would-be training prompts at cosine >= tau to an eval-only prompt",
           "examples": _near_examples(prompts, emb_NxD, out["excluded_near_eval_only"], eval_only),
+      },
+      "excluded_near_heldout_intent": {
+          "count": len(out["excluded_near_heldout_intent"]),
+          "why": "unlabeled prompts at cosine >= tau to a heldout_intent prompt",
+          "examples": _near_examples(prompts, emb_NxD, out["excluded_near_heldout_intent"],
+                                     out["heldout_intent"]),
       },
   }
   return out, report

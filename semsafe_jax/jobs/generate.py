@@ -61,11 +61,6 @@ def collect_prompts(gc: Any) -> list[str]:
   return prompts
 
 
-def _adapter_embed(embed_mlp, params, cfg, ids_BxT):
-  """embed_fn with the embedding-MLP weights as an argument (traced, not baked in)."""
-  return adapters_lib.adapted_embed_fn({"embed_mlp": embed_mlp})(params, cfg, ids_BxT)
-
-
 def load_trained_adapters(workdir: str, model_name: str | None = None,
                           adapter_cfg: Any = None) -> tuple[Any, Any] | None:
   """(adapters, adapter config) of the latest checkpoint in workdir, or None.
@@ -99,9 +94,9 @@ def load_trained_adapters(workdir: str, model_name: str | None = None,
 def apply_trained(params, adapters, adapter_cfg):
   """(adapted params, embed_fn) for generate()."""
   params = adapters_lib.apply_adapters(params, adapters, adapter_cfg)
-  embed_fn = None
-  if adapters.get("embed_mlp") is not None:
-    embed_fn = jax.tree_util.Partial(_adapter_embed, adapters["embed_mlp"])
+  # A Partial holding the MLP weights as leaves: traced by the jitted decoder, not baked in.
+  embed_fn = (adapters_lib.adapted_embed_fn(adapters)
+              if adapters.get("embed_mlp") is not None else None)
   return params, embed_fn
 
 

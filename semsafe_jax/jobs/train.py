@@ -21,7 +21,10 @@ from absl import logging
 
 from semsafe_jax import adapters as adapters_lib
 from semsafe_jax.data.pipeline import PreparedData, make_batcher, prepare_data
+from semsafe_jax.data.schema import Prompt
+from semsafe_jax.data.splits import UNLABELED_SPLIT
 from semsafe_jax.eval import judge, report as report_lib
+from semsafe_jax.jobs import generate as gen_job
 from semsafe_jax.losses.total import build_aux, total_loss
 from semsafe_jax.models import generate as gen_lib
 from semsafe_jax.models.loading import load_pretrained
@@ -36,9 +39,11 @@ EVAL_SPLITS = {"heldout_intent": "heldout_intent", "heldout_phrasing": "heldout_
                "eval_only_harmful": "eval_only_harmful",
                "eval_only_borderline": "eval_only_borderline",
                "eval_only_benign": "eval_only_benign"}
+FLAGGED_FILE = "flagged_unlabeled.json"  # in WORKDIR/probe/
 
 
 def run(config, workdir: str) -> dict[str, Any]:
+  check_probe_use(config.probe)  # before any model work
   sharding.initialize_distributed(config)
   ckpt_lib.prepare_workdir(workdir, config)  # refuse a changed config before any work
   primary = sharding.is_primary()
@@ -56,6 +61,10 @@ def run(config, workdir: str) -> dict[str, Any]:
 
   harm_rows, benign_rows = data.splits["train"], _benign_rows(data)
   probe = _probe_stage(config, workdir, data, params, cfg, tok, harm_rows, benign_rows)
+  # Probe-flagged unlabeled prompts train as harmful, weighted by their unsafe probability.
+  flagged, flagged_weight = _flag_unlabeled_stage(config, workdir, data, params, cfg, tok, probe)
+  harm_weight = np.concatenate([np.ones(len(harm_rows), np.float32), flagged_weight])
+  harm_rows = np.concatenate([harm_rows, flagged])
   base_answers = _cached_base_answers(workdir, data.texts(benign_rows),
                                       lambda prompts: gen(params, cfg, prompts=prompts,
                                                           max_new_tokens=ec.base_answer_tokens))
@@ -69,7 +78,8 @@ def run(config, workdir: str) -> dict[str, Any]:
                harm.ids.shape, benign.ids.shape, harm.truncated, benign.truncated)
 
   mesh = sharding.make_mesh(dict(config.train.get("mesh", {}) or {}))
-  batcher = make_batcher(data, config, num_shards=sharding.batch_size_divisor(mesh))
+  batcher = make_batcher(data, config, num_shards=sharding.batch_size_divisor(mesh),
+                         extra_harmful=flagged)
   row_of = {int(r): i for i, r in enumerate(harm_rows)}
   brow_of = {int(r): i for i, r in enumerate(benign_rows)}
   unsafe_prob = None
@@ -77,13 +87,11 @@ def run(config, workdir: str) -> dict[str, Any]:
     unsafe_prob = probe_lib.score_prompts(
         params, cfg, probe["probe"], *probe_lib.encode_prompts(tok, data.texts(harm_rows),
                                                                dc.max_len))
-  elif config.probe.use not in ("off", ""):
-    raise ValueError(f"probe.use={config.probe.use!r} is not available in the main job: the "
-                     "built-in and supported datasets are fully labelled. Use off or weight_pairs.")
 
   def batch_fn(step: int) -> dict[str, np.ndarray]:
     b = batcher.batch(step)
-    h = harm.take(np.asarray([row_of[int(r)] for r in b.harmful_idx]))
+    hi = np.asarray([row_of[int(r)] for r in b.harmful_idx])
+    h = harm.take(hi)
     n = benign.take(np.asarray([brow_of[int(r)] for r in b.benign_idx]))
     weight = b.pair_weight
     if unsafe_prob is not None:
@@ -91,7 +99,7 @@ def run(config, workdir: str) -> dict[str, Any]:
                                             b.pair_index, weight)
     return {"harm_ids": h["ids"], "harm_mask": h["mask"], "harm_target_mask": h["target_mask"],
             "harm_prompt_end": h["prompt_end"],
-            "harm_weight": np.ones(len(b.harmful_idx), np.float32),
+            "harm_weight": harm_weight[hi],
             "pair_index": b.pair_index, "pair_weight": np.asarray(weight, np.float32),
             "pair_valid": b.pair_valid,
             "benign_ids": n["ids"], "benign_mask": n["mask"], "benign_target_mask": n["target_mask"]}
@@ -115,8 +123,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   train_seconds = time.time() - t0  # this process's share when the run was resumed
   trained = jax.device_get(trained)
 
-  adapted = adapters_lib.apply_adapters(params, trained, config.adapters)
-  embed_fn = jax.tree_util.Partial(adapters_lib.adapted_embed_fn(trained))
+  adapted, embed_fn = gen_job.apply_trained(params, trained, config.adapters)
   after = _answers(eval_sets, lambda prompts: gen(adapted, cfg, prompts=prompts,
                                                   embed_fn=embed_fn))
   report = {
@@ -244,6 +251,65 @@ def _probe_stage(config, workdir, data, params, cfg, tok, harm_rows, benign_rows
   return res
 
 
+def check_probe_use(probe_cfg) -> None:
+  """Raises ValueError for a probe.use the main job cannot honour."""
+  use = probe_cfg.use or "off"
+  if use not in probe_lib.PROBE_USES:
+    raise ValueError(f"probe.use={use!r}; expected one of {', '.join(probe_lib.PROBE_USES)}")
+  if use == "flag_unlabeled" and not probe_cfg.get("train", True):
+    raise ValueError("probe.use='flag_unlabeled' needs probe.train=True: the probe trained in "
+                     "this run is what flags the unlabeled prompts.")
+
+
+def flag_unlabeled_rows(prompts: Sequence[Prompt], rows: Sequence[int], unsafe_prob: Any,
+                        threshold: float) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+  """(flagged rows, their harm weights, the flagged_unlabeled.json record).
+
+  rows: unlabeled prompt rows; unsafe_prob: the probe's [N] probabilities for them.
+  """
+  rows = np.asarray(rows, np.int64)
+  flags, weight = probe_lib.flag_unlabeled(np.asarray(unsafe_prob, np.float32), threshold)
+  record = {"threshold": float(threshold), "num_unlabeled": int(len(rows)),
+            "num_flagged": int(flags.sum()),
+            "flagged": [{"id": prompts[int(r)].id, "unsafe_prob": round(float(p), 6)}
+                        for r, p in zip(rows[flags], np.asarray(unsafe_prob)[flags])]}
+  return rows[flags], weight[flags], record
+
+
+def _flag_unlabeled_stage(config, workdir, data, params, cfg, tok, probe
+                          ) -> tuple[np.ndarray, np.ndarray]:
+  """probe.use="flag_unlabeled": (rows, harm weights) of the flagged train_unlabeled prompts.
+
+  Flagged prompts train as harmful (a refusal target, L_safety weighted by their
+  probability, consistency pairs with their training neighbours); unflagged ones are not
+  trained on at all, as nothing says they are benign.
+  """
+  none = np.zeros(0, np.int64), np.zeros(0, np.float32)
+  if config.probe.use != "flag_unlabeled":
+    return none
+  rows = np.asarray(data.splits.get(UNLABELED_SPLIT, []), np.int64)
+  if not len(rows):
+    logging.warning("probe.use='flag_unlabeled' but no unlabeled prompts were loaded (a source "
+                    "with ?label=unlabeled): training as with probe.use='off'.")
+    return none
+  if probe is None:
+    raise ValueError("probe.use='flag_unlabeled' needs probe.train=True.")
+  unsafe_prob = probe_lib.score_prompts(
+      params, cfg, probe["probe"],
+      *probe_lib.encode_prompts(tok, data.texts(rows), config.data.max_len),
+      batch_size=int(config.probe.get("batch_size", 16)))
+  threshold = float(config.probe.threshold)
+  flagged, weight, record = flag_unlabeled_rows(data.prompts, rows, unsafe_prob, threshold)
+  logging.info("Safety probe flagged %d of %d unlabeled prompts (unsafe probability >= %.2f); "
+               "they train as harmful, the rest are not trained on.", len(flagged), len(rows),
+               threshold)
+  if sharding.is_primary():
+    out_dir = os.path.join(workdir, "probe")
+    os.makedirs(out_dir, exist_ok=True)
+    _write_atomic_json(os.path.join(out_dir, FLAGGED_FILE), record)
+  return flagged, weight
+
+
 def _classifier_stage(config, workdir, params, tok, data, base_answers):
   """Refusal classifier for loss.scorer='classifier': built-in refusals (label 1) vs the
   base model's own answers (label 0), as expected-token-embedding features."""
@@ -291,6 +357,14 @@ def _print_summary(report: dict[str, Any]) -> None:
 def _read_jsonl(path: str) -> list[dict[str, Any]]:
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_atomic_json(path: str, obj: Any) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, ensure_ascii=False)
+    f.write("\n")
+  os.replace(tmp, path)
 
 
 def _write_jsonl(path: str, rows: Sequence[dict[str, Any]]) -> None:

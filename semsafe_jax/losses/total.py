@@ -135,7 +135,8 @@ def total_loss(adapters: Params, base_params: Params, batch: dict[str, jax.Array
   if use_cons and (repr_kind == "next_token" or (score_refusal and scorer == "first_token")):
     first_logits = _first_token_logits(params, cfg, out.hidden, batch["harm_prompt_end"])
 
-  l_safety = (safety_loss(resp_logits, targets, tmask, batch.get("harm_weight"))
+  l_safety = (safety_loss(resp_logits, targets, tmask, batch.get("harm_weight"),
+                          float(cfg_get(loss_cfg, "safety_first_token_weight", 1.0)))
               if w_s != 0.0 else zero)
   dropped = _count(batch["harm_target_mask"][:, 1:]) - _count(tmask)
 

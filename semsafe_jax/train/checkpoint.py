@@ -27,7 +27,11 @@ from semsafe_jax.train import sharding
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
-ITEMS = ("trainable", "train_state", "data")
+# item -> (orbax handler, its save args, its restore args).
+_STANDARD = (ocp.StandardCheckpointHandler, ocp.args.StandardSave, ocp.args.StandardRestore)
+_JSON = (ocp.JsonCheckpointHandler, ocp.args.JsonSave, ocp.args.JsonRestore)
+_ITEM_HANDLERS = {"trainable": _STANDARD, "train_state": _STANDARD, "data": _JSON}
+ITEMS = tuple(_ITEM_HANDLERS)
 # Config keys that may change between runs in one workdir: they pick what to do
 # with a run (mode, logging, checkpoint cadence), not what the run computes.
 RESUME_SAFE_KEYS = ("mode", "overwrite", "multihost", "generate", "export", "eval",
@@ -115,13 +119,29 @@ def prepare_workdir(workdir: str | epath.Path, config: Any) -> bool:
   return fresh
 
 
+def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+  """Every item's handler, registered up front.
+
+  With only item_names, orbax registers an item's handler on its first save or
+  restore in the process, so reading step metadata before that (as
+  load_latest_adapters does) logs a spurious "could not be restored" warning
+  for every item.
+  """
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  for item, (handler_cls, save_args, restore_args) in _ITEM_HANDLERS.items():
+    handler = handler_cls()  # one instance for both directions, as orbax's lazy path
+    registry.add(item, save_args, handler)
+    registry.add(item, restore_args, handler)
+  return registry
+
+
 def _manager(workdir: str | epath.Path, *, every: int = 1, keep: int | None = None,
              async_save: bool = True, create: bool = True) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=max(int(every), 1), max_to_keep=keep,
       enable_async_checkpointing=async_save, create=create)
-  return ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINT_DIR, item_names=ITEMS,
-                               options=options)
+  return ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINT_DIR,
+                               handler_registry=_handler_registry(), options=options)
 
 
 class Checkpointer:

@@ -1,0 +1,66 @@
+"""Fixtures shared by several test files.
+
+Constants are imported by the tests (`from conftest import TINY`): pytest puts
+tests/ on sys.path (no __init__.py), so this is the module pytest loaded.
+"""
+
+import pathlib
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from semsafe_jax import adapters as A
+from semsafe_jax.data import builtin, embed, loaders
+from semsafe_jax.models import transformer
+from semsafe_jax.models.config import ModelConfig
+
+# --- Tiny model (test_losses, test_losses_scorers) -----------------------------
+
+V = 128
+TINY = ModelConfig(family="llama", vocab_size=V, hidden_size=64, intermediate_size=96,
+                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
+ACFG = ml_collections.ConfigDict(dict(lora_rank=4, lora_alpha=8.0, lora_dropout=0.0,
+                                      lora_targets=["q_proj", "v_proj"], embed_mlp=True,
+                                      embed_mlp_hidden=32))
+
+
+@pytest.fixture(scope="session")
+def base():
+  # One compiled init instead of one eager op per parameter shape; session
+  # scope so the loss and scorer tests share it (nothing mutates the params).
+  return jax.jit(transformer.init_params, static_argnums=0)(TINY, jax.random.key(0))
+
+
+@pytest.fixture(scope="session")
+def adapters(base):
+  """Non-trivial adapters (so every adapter leaf has a gradient path).
+
+  Numpy noise on top of init: no per-shape compiles.
+  """
+  rng = np.random.default_rng(2)
+  ad = A.init_adapters(ACFG, TINY, base, jax.random.key(1))
+  return jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape, np.float32), ad)
+
+
+# --- Real prompts + SBERT embeddings (test_data_neighbors, test_data_splits) ---
+
+SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+XSTEST = SHARED / "xstest" / "xstest_prompts.csv"
+
+
+@pytest.fixture(scope="session")
+def real_data(tmp_path_factory):
+  """Built-in prompts (+ XSTest when the shared folder exists) and their SBERT embeddings.
+
+  Same sources and session cache dir as test_data_pipeline, so the session
+  encodes them once (the on-disk cache is keyed by model + exact texts).
+  """
+  if not builtin.builtin_available():
+    pytest.skip("semsafe_jax/data/builtin/prompts.jsonl not written yet")
+  sources = ["builtin"] + ([f"xstest:{XSTEST}"] if XSTEST.is_file() else [])
+  prompts, _ = loaders.load_sources(sources)
+  emb = embed.embed_texts([p.text for p in prompts],
+                          cache_dir=tmp_path_factory.getbasetemp() / "sbert_cache")
+  return prompts, emb
