@@ -164,7 +164,8 @@ def _own_peak_rss_gib() -> float:
 def peak_rss_gib(name: str, args) -> float:
   """Peak host memory of one contender alone (a fresh process: build, 2 steps)."""
   cmd = [sys.executable, __file__, "--memory_of", name, "--batch", str(args.batch),
-         "--seq", str(args.seq), "--target_tokens", str(args.target_tokens)]
+         "--seq", str(args.seq), "--target_tokens", str(args.target_tokens),
+         "--remat", args.remat]
   out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
   return float(out.strip().splitlines()[-1])
 
@@ -175,6 +176,7 @@ def main():
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--seq", type=int, default=128)
   ap.add_argument("--target_tokens", type=int, default=32)
+  ap.add_argument("--remat", default="off", help="ours: model.remat (off | full | dots)")
   ap.add_argument("--skip_torch", action="store_true")
   ap.add_argument("--skip_memory", action="store_true")
   ap.add_argument("--memory_of", default="", help=argparse.SUPPRESS)  # internal
@@ -182,7 +184,8 @@ def main():
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count() or 1)
   B, T, lr = args.batch, args.seq, 1e-4
-  cfg = load_config("smollm2-135m-instruct", dtype="float32", param_dtype="float32")
+  cfg = load_config("smollm2-135m-instruct", dtype="float32", param_dtype="float32",
+                    remat=args.remat)
   ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (B, T)).astype(np.int32)
   targets_name = f"ours (targets {args.target_tokens})"
   names = ["ours (all)", targets_name] + ([] if args.skip_torch else ["torch+peft"])
@@ -217,7 +220,8 @@ def main():
   load = os.getloadavg()[0]
   memory = {} if args.skip_memory else {n: peak_rss_gib(n, args) for n in names}
 
-  print(f"step: batch {B} x {T}, LoRA r={RANK} on {'+'.join(TARGETS)}, AdamW, float32; "
+  print(f"step: batch {B} x {T}, LoRA r={RANK} on {'+'.join(TARGETS)}, AdamW, float32, "
+        f"remat {args.remat}; "
         f"median of {args.reps}; first-step losses "
         + ", ".join(f"{k} {v:.4f}" for k, v in first.items()))
   print("  wall clock:")

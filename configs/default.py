@@ -13,6 +13,7 @@ def get_config():
   c.seed = 0
   c.overwrite = False  # allow a changed config in an existing workdir
   c.multihost = False  # call jax.distributed.initialize() (TPU pods, multi-node GPU)
+  c.fast_compile = False  # skip most XLA optimisations: quicker compiles, slower steps (tests)
 
   # --- model (semsafe_jax/models) ---
   c.model = ml_collections.ConfigDict()
@@ -22,7 +23,7 @@ def get_config():
   c.model.name_or_path = "smollm2-135m-instruct"
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
   c.model.param_dtype = "float32"  # weights are cast to this while streaming in
-  c.model.remat = False  # rematerialise each block in the backward pass
+  c.model.remat = False  # recompute in the backward pass: False | "full" (True) | "dots"
 
   # --- data (semsafe_jax/data) ---
   c.data = ml_collections.ConfigDict()

@@ -31,6 +31,12 @@ def main(argv):
   config = _CONFIG.value
   if config.mode not in _MODES:
     raise app.UsageError(f"Unknown config.mode={config.mode!r}; choose one of {sorted(_MODES)}.")
+  if config.get("fast_compile", False):
+    # configs/tiny.py: on a tiny model XLA's optimisation passes take longer than the
+    # code they speed up runs (they double the train step's compile). JAX reads this at
+    # each compile, so setting it before the job compiles anything covers the whole run.
+    import jax  # pylint: disable=g-import-not-at-top; keeps --help free of JAX.
+    jax.config.update("jax_disable_most_optimizations", True)
   job = importlib.import_module(f"semsafe_jax.jobs.{_MODES[config.mode]}")
   job.run(config, _WORKDIR.value)
 

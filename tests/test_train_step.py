@@ -83,3 +83,20 @@ def test_trainable_must_be_float32_after_init():
   _, optimizer, _, _ = _setup()
   state = step_lib.init_state({"w": np.ones((2, 2), np.float16)}, optimizer, seed=0)
   assert state.trainable["w"].dtype == jnp.float32
+
+
+
+def test_remat_policies_give_the_same_gradients(monkeypatch):
+  frozen, batch, trainable = toy.frozen_params(), toy.BatchFn()(0), toy.init_trainable()
+  base_cfg = toy.CFG
+
+  def grads(remat):
+    monkeypatch.setattr(toy, "CFG", base_cfg.replace(remat=remat))
+    g = jax.jit(jax.grad(lambda t: toy.loss_fn(t, frozen, batch, None)[0]))(trainable)
+    return toy.flat(g)
+
+  want = grads(False)
+  for remat in (True, "full", "dots"):
+    np.testing.assert_allclose(grads(remat), want, rtol=1e-5, atol=1e-7)
+  with np.testing.assert_raises(ValueError):
+    transformer.remat_policy("sometimes")

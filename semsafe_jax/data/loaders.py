@@ -14,6 +14,13 @@ A source is a spec string from `config.data.sources`:
 Any spec may end in URL-style options, e.g. "jbb:benign-behaviors.csv?label=benign",
 "csv:mine.csv?text_col=prompt&source=redteam", "hf:org/name?split=train&config=x&format=jbb".
 
+Every source, builtin included, takes ?frac=F (0 < F <= 1): keep only the intents whose
+sha256(intent_id), read as a number in [0, 1), is below F, so about that share of the
+source. Whole intents are kept or dropped together (the heldout-intent and
+heldout-phrasing splits still work), the choice depends on nothing but the intent ids
+(not load order, seeds or other sources), and a smaller F keeps a subset of a larger
+one. configs/tiny.py runs on "builtin?frac=..." to exercise the whole path on a slice.
+
 Labels are harmful | benign | borderline | unlabeled. "unlabeled" (e.g.
 "jsonl:scraped.jsonl?label=unlabeled", or a label column / config.data.default_label
 saying so) marks prompts of unknown harm: they go to the training-only split
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -45,7 +53,8 @@ FILE_KINDS = ("advbench", "harmbench", "xstest", "jbb", "strongreject", "csv", "
 KINDS = ("builtin", *FILE_KINDS, "hf")
 FIELDS = ("id", "text", "label", "category", "intent_id", "style", "source")
 DEFAULT_COLUMNS = {f: f for f in FIELDS}
-_OPTIONS = {"label", "source", "split", "config", "format", *(f"{f}_col" for f in FIELDS)}
+_OPTIONS = {"label", "source", "split", "config", "format", "frac",
+            *(f"{f}_col" for f in FIELDS)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,12 +71,13 @@ class LoadResult:
 
 
 def parse_source(spec: str) -> SourceSpec:
-  """'kind:target?opt=v&...' -> SourceSpec; a clear error for anything malformed."""
-  kind, _, rest = spec.strip().partition(":")
+  """'kind:target?opt=v&...' (or 'builtin?frac=F') -> SourceSpec; a clear error for
+  anything malformed."""
+  head, _, query = spec.strip().partition("?")
+  kind, _, target = head.partition(":")
   kind = kind.lower()
   if kind not in KINDS:
     raise DataError(f"Unknown data source {spec!r}: kind must be one of {', '.join(KINDS)}")
-  target, _, query = rest.partition("?")
   try:
     options = dict(urllib.parse.parse_qsl(query, keep_blank_values=True,
                                           strict_parsing=bool(query)))
@@ -76,13 +86,39 @@ def parse_source(spec: str) -> SourceSpec:
   unknown = sorted(set(options) - _OPTIONS)
   if unknown:
     raise DataError(f"Data source {spec!r}: unknown option(s) {unknown}; known: {sorted(_OPTIONS)}")
-  if kind == "builtin" and (target or options):
-    raise DataError(f"Data source {spec!r}: 'builtin' takes no path or options")
+  if kind == "builtin" and (target or set(options) - {"frac"}):
+    raise DataError(f"Data source {spec!r}: 'builtin' takes no path and no option but frac")
   if kind != "builtin" and not target:
     raise DataError(f"Data source {spec!r}: expected {kind}:{'ID' if kind == 'hf' else 'PATH'}")
   if kind == "xstest" and "source" in options:
     raise DataError(f"Data source {spec!r}: XSTest is always source 'xstest' (evaluation only)")
+  _frac(spec, options)  # a bad value fails here, before anything is read
   return SourceSpec(kind, target, options)
+
+
+def _frac(spec: str, options: Mapping[str, str]) -> float | None:
+  """The ?frac= option as a float in (0, 1], or None when absent."""
+  raw = options.get("frac")
+  if raw is None:
+    return None
+  try:
+    frac = float(raw)
+  except ValueError:
+    frac = float("nan")
+  if not 0.0 < frac <= 1.0:  # also catches nan
+    raise DataError(f"Data source {spec!r}: frac={raw!r}; expected a number with 0 < frac <= 1")
+  return frac
+
+
+def intent_draw(intent_id: str) -> float:
+  """A fixed number in [0, 1) per intent id (sha256): no RNG state, no load order."""
+  digest = hashlib.sha256(intent_id.encode("utf-8")).digest()
+  return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def sample_intents(prompts: Sequence[Prompt], frac: float) -> list[Prompt]:
+  """The prompts whose intent's `intent_draw` is below `frac`, in their order."""
+  return [p for p in prompts if intent_draw(p.intent_id or p.id) < frac]
 
 
 # ----------------------------------------------------------------------------- raw rows
@@ -371,6 +407,22 @@ def load_source(spec: str | SourceSpec, *, on_bad_rows: str = "error",
                 columns: Mapping[str, str] | None = None, default_label: str = "") -> LoadResult:
   """Loads one source spec into validated prompts (unique ids and texts within it)."""
   spec = parse_source(spec) if isinstance(spec, str) else spec
+  result = _load_all(spec, on_bad_rows=on_bad_rows, columns=columns, default_label=default_label)
+  frac = _frac(f"{spec.kind}:{spec.target}", spec.options)
+  if frac is None:
+    return result
+  kept = sample_intents(result.prompts, frac)
+  intents = lambda ps: len({p.intent_id for p in ps})
+  logging.info("%s: frac=%g keeps %d of %d prompts (%d of %d intents)", result.summary["where"],
+               frac, len(kept), len(result.prompts), intents(kept), intents(result.prompts))
+  summary = {**result.summary, "kept": len(kept), "frac": frac,
+             "sampled_out": len(result.prompts) - len(kept)}
+  return LoadResult(kept, summary)
+
+
+def _load_all(spec: SourceSpec, *, on_bad_rows: str, columns: Mapping[str, str] | None,
+              default_label: str) -> LoadResult:
+  """Every valid prompt of the source, before ?frac= sampling."""
   if spec.kind == "builtin":
     from semsafe_jax.data import builtin  # pylint: disable=g-import-not-at-top; avoids a cycle.
     return builtin.load_builtin(on_bad_rows=on_bad_rows)

@@ -44,7 +44,7 @@ class ModelConfig:
   # Runtime choices (not part of the checkpoint).
   dtype: str = "float32"
   param_dtype: str = "float32"
-  remat: bool = False
+  remat: bool | str = False  # off | full (True) | dots; see transformer.remat_policy
 
   @property
   def attn_scale(self) -> float:

@@ -39,7 +39,7 @@ class Pretrained(NamedTuple):
 
 
 def load_pretrained(name_or_path: str | os.PathLike, *, dtype: str = "float32",
-                    param_dtype: str = "float32", remat: bool = False,
+                    param_dtype: str = "float32", remat: bool | str = False,
                     tokenizer: bool = True) -> Pretrained:
   """Loads a model by alias, local HF dir, .gguf file or hub id.
 

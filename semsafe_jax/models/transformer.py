@@ -240,6 +240,24 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict[st
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
+REMAT = ("off", "full", "dots")
+
+
+def remat_policy(remat: bool | str):
+  """jax.checkpoint policy for a block, or None (save every activation).
+
+  "full" (True) saves nothing and recomputes the block in the backward pass: the
+  least memory. "dots" saves the matmul outputs and recomputes only elementwise
+  work (norms, rotary, activations): on CPU this is faster than no remat, since
+  the elementwise intermediates cost more memory traffic to save than to redo.
+  """
+  mode = {False: "off", True: "full", None: "off", "": "off"}.get(remat, remat)
+  if mode not in REMAT:
+    raise ValueError(f"model.remat={remat!r}; expected one of {REMAT} (or a bool)")
+  return {"off": None, "full": jax.checkpoint_policies.nothing_saveable,
+          "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[mode]
+
+
 def forward(params: Params, cfg: ModelConfig, input_ids_BxT: jax.Array | None = None, *,
             inputs_embeds_BxTxD: jax.Array | None = None,
             attention_mask_BxS: jax.Array | None = None,
@@ -298,8 +316,9 @@ def forward(params: Params, cfg: ModelConfig, input_ids_BxT: jax.Array | None = 
     new_kv = (k_all, v_all) if cache is not None else None
     return x, (new_kv, x if output_hidden_states else None)
 
-  if cfg.remat:
-    body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+  policy = remat_policy(cfg.remat)
+  if policy is not None:
+    body = jax.checkpoint(body, policy=policy)
   kc = None if cache is None else cache["k"]
   vc = None if cache is None else cache["v"]
   if unstacked:

@@ -14,6 +14,7 @@ Shape suffixes: L probed layers (model layers + 1), N examples, T tokens, D widt
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ import optax
 
 from semsafe_jax.losses.common import cfg_get, masked_mean_pool
 from semsafe_jax.losses.scorers import probe_logit
+from semsafe_jax.models import generate as gen_lib
 from semsafe_jax.models import transformer
 from semsafe_jax.models.config import ModelConfig
 
@@ -67,15 +69,7 @@ def pooled_hidden_states(params: Params, cfg: ModelConfig, ids_NxT: np.ndarray,
   """[L+1, N, D] float32: every layer's hidden states mean-pooled over pool_mask
   (default: the attention mask, i.e. all prompt tokens)."""
   pool = mask_NxT if pool_mask_NxT is None else pool_mask_NxT
-  embed_fn = embed_fn or transformer.embed
-
-  @jax.jit
-  def step(params, ids, mask, pmask):  # params as an argument, not a baked-in constant
-    out = transformer.forward(params, cfg, inputs_embeds_BxTxD=embed_fn(params, cfg, ids),
-                              attention_mask_BxS=mask, output_hidden_states=True,
-                              compute_logits=False)
-    return jax.vmap(masked_mean_pool, in_axes=(0, None))(out.hidden_states, pmask)
-
+  embed = gen_lib.as_embed_partial(embed_fn)
   N = ids_NxT.shape[0]
   chunks = []
   for s in range(0, N, batch_size):
@@ -83,9 +77,21 @@ def pooled_hidden_states(params: Params, cfg: ModelConfig, ids_NxT: np.ndarray,
     n = len(ids_NxT[sl])
     pad = lambda x, n=n: np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)])
     # Padded rows (all-masked) keep one shape, so the step compiles once.
-    feats = step(params, pad(ids_NxT[sl]), pad(mask_NxT[sl]), pad(pool[sl]))
+    feats = _pooled_step(params, embed, pad(ids_NxT[sl]), pad(mask_NxT[sl]), pad(pool[sl]),
+                         cfg=cfg)
     chunks.append(np.asarray(feats)[:, :n])
   return np.concatenate(chunks, axis=1)
+
+
+# Module level, so the probe's train and held-out passes and later scoring share one
+# compile per shape (a jit made inside the function compiled again on every call).
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _pooled_step(params: Params, embed_fn: jax.tree_util.Partial, ids: jax.Array,
+                 mask: jax.Array, pmask: jax.Array, *, cfg: ModelConfig) -> jax.Array:
+  out = transformer.forward(params, cfg, inputs_embeds_BxTxD=embed_fn(params, cfg, ids),
+                            attention_mask_BxS=mask, output_hidden_states=True,
+                            compute_logits=False)
+  return jax.vmap(masked_mean_pool, in_axes=(0, None))(out.hidden_states, pmask)
 
 
 # ----------------------------------------------------------------------------
@@ -99,8 +105,16 @@ def train_layer_probes(feats_LxNxD: np.ndarray, labels_N: np.ndarray, *, steps: 
   Features are standardised with the training mean/std, stored in the probe.
   Returns {"w": [L, D], "b": [L], "mu": [L, D], "sd": [L, D]}.
   """
-  x = jnp.asarray(feats_LxNxD, jnp.float32)
-  y = jnp.asarray(labels_N, jnp.float32)
+  probes = _fit_layer_probes(jnp.asarray(feats_LxNxD, jnp.float32),
+                             jnp.asarray(labels_N, jnp.float32), steps=int(steps),
+                             lr=float(lr), l2=float(l2))
+  return jax.tree.map(np.asarray, probes)
+
+
+# One compiled program: run eagerly, the standardisation and class weights compiled a
+# dozen small ops one by one.
+@functools.partial(jax.jit, static_argnames=("steps", "lr", "l2"))
+def _fit_layer_probes(x: jax.Array, y: jax.Array, *, steps: int, lr: float, l2: float) -> Params:
   pos = jnp.maximum(y.sum(), 1.0)
   neg = jnp.maximum((1 - y).sum(), 1.0)
   sample_w = jnp.where(y > 0.5, 0.5 / pos, 0.5 / neg)  # each class weighs one half
@@ -126,13 +140,17 @@ def train_layer_probes(feats_LxNxD: np.ndarray, labels_N: np.ndarray, *, steps: 
     (wb, _), _ = jax.lax.scan(body, (wb, opt.init(wb)), None, length=steps)
     return {**probe0, **wb}
 
-  return jax.tree.map(np.asarray, jax.jit(jax.vmap(fit_one))(x, mu, sd))
+  return jax.vmap(fit_one)(x, mu, sd)
 
 
 def probe_probs(probes: Params, feats_LxNxD: np.ndarray) -> np.ndarray:
   """[L, N] unsafe probability of every example under every layer's probe."""
-  logits = jax.vmap(probe_logit)(jax.tree.map(jnp.asarray, probes), jnp.asarray(feats_LxNxD))
-  return np.asarray(jax.nn.sigmoid(logits))
+  return np.asarray(_probe_probs(jax.tree.map(jnp.asarray, probes), jnp.asarray(feats_LxNxD)))
+
+
+@jax.jit
+def _probe_probs(probes: Params, feats_LxNxD: jax.Array) -> jax.Array:
+  return jax.nn.sigmoid(jax.vmap(probe_logit)(probes, feats_LxNxD))
 
 
 def probe_accuracy(probes: Params, feats_LxNxD: np.ndarray, labels_N: np.ndarray) -> np.ndarray:
