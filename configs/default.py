@@ -45,7 +45,7 @@ def get_config():
   c.data.pairs_per_step = 16
   c.data.neighbors_per_anchor = 3  # mined neighbours drawn with each anchor into a shard
   c.data.pairable_anchor_frac = 0.5  # share of anchors drawn among prompts with a neighbour
-  c.data.borderline_share = -1.0  # of the benign block, borderline prompts (< 0: as in the data)
+  c.data.borderline_share = 0.5  # of the benign block, borderline prompts (< 0: as in the data)
   c.data.on_bad_rows = "error"  # error | warn (skip bad rows, counted and logged)
   # Column names for generic csv:/jsonl:/json:/hf: sources (per source: ?text_col=...).
   c.data.columns = ml_collections.ConfigDict(dict(
@@ -98,7 +98,7 @@ def get_config():
   c.loss = ml_collections.ConfigDict()
   c.loss.w_safety = 1.0
   c.loss.lam = 1.0  # consistency weight
-  c.loss.w_capability = 2.0
+  c.loss.w_capability = 3.0
   c.loss.consistency_repr = "refusal_prob"  # hidden | refusal_prob | next_token
   c.loss.scorer = "first_token"  # first_token | soft_pattern | classifier | probe
   c.loss.hidden_layer = -1  # hidden_states index: 0 = embeddings, -1 = final norm output
@@ -107,7 +107,7 @@ def get_config():
   c.loss.divergence = "js"  # next_token: js | sym_kl
   c.loss.capability = "kl"  # kl (vs the base model's distributions) | ce (its greedy tokens)
   c.loss.capability_first_token_weight = 20.0  # the answer-or-refuse token counts this much
-  c.loss.safety_first_token_weight = 1.0  # ... and the first refusal token this much
+  c.loss.safety_first_token_weight = 5.0  # ... and the first refusal token this much
   c.loss.kl_direction = "forward"  # forward = KL(base || adapted) | reverse
   # The LM head runs on the first N target tokens of each row (0 = every position).
   # Keep >= data.max_response_tokens; metric targets_dropped counts any cut off.
@@ -133,7 +133,7 @@ def get_config():
 
   # --- training (semsafe_jax/train) ---
   c.train = ml_collections.ConfigDict()
-  c.train.steps = 120
+  c.train.steps = 180
   c.train.lr = 1e-3
   c.train.warmup_steps = 10
   c.train.weight_decay = 0.0

@@ -101,7 +101,7 @@ def test_builtin_frac_is_deterministic_and_keeps_whole_intents():
 @needs_builtin
 def test_tiny_config_slice_has_every_label_and_paraphrased_intents():
   sources = tiny_sources()
-  assert any("frac=" in s for s in sources)  # tiny runs on a slice, not all 1606 prompts
+  assert any("frac=" in s for s in sources)  # tiny runs on a slice, not all 1932 prompts
   prompts, _ = loaders.load_sources(sources)
   labels = collections.Counter(p.label for p in prompts)
   assert set(labels) == {"harmful", "benign", "borderline"}, labels
@@ -111,4 +111,4 @@ def test_tiny_config_slice_has_every_label_and_paraphrased_intents():
                if any(p.intent_id == k and p.label == "harmful" for p in prompts)]
   assert len(phrasings) >= 10 and sum(n >= 3 for n in phrasings) >= 10
   assert labels["benign"] >= 10 and labels["borderline"] >= 6
-  assert len(prompts) < 400  # the point: SBERT encodes a few hundred texts, not 1606
+  assert len(prompts) < 400  # the point: SBERT encodes a few hundred texts, not 1932
