@@ -45,7 +45,7 @@ def get_config():
   c.data.pairs_per_step = 16
   c.data.neighbors_per_anchor = 3  # mined neighbours drawn with each anchor into a shard
   c.data.pairable_anchor_frac = 0.5  # share of anchors drawn among prompts with a neighbour
-  c.data.borderline_share = 0.5  # of the benign block, borderline prompts (< 0: as in the data)
+  c.data.borderline_share = 0.7  # of the benign block, borderline prompts (< 0: as in the data)
   c.data.on_bad_rows = "error"  # error | warn (skip bad rows, counted and logged)
   # Column names for generic csv:/jsonl:/json:/hf: sources (per source: ?text_col=...).
   c.data.columns = ml_collections.ConfigDict(dict(
@@ -98,7 +98,7 @@ def get_config():
   c.loss = ml_collections.ConfigDict()
   c.loss.w_safety = 1.0
   c.loss.lam = 1.0  # consistency weight
-  c.loss.w_capability = 3.0
+  c.loss.w_capability = 5.0
   c.loss.consistency_repr = "refusal_prob"  # hidden | refusal_prob | next_token
   c.loss.scorer = "first_token"  # first_token | soft_pattern | classifier | probe
   c.loss.hidden_layer = -1  # hidden_states index: 0 = embeddings, -1 = final norm output
