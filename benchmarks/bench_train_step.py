@@ -170,6 +170,21 @@ def peak_rss_gib(name: str, args) -> float:
   return float(out.strip().splitlines()[-1])
 
 
+def _print_rows(seconds: dict[str, float], describe, useful_gflop, unit: str, peak: float,
+                peak_name: str, extra=lambda name: "") -> None:
+  """One line per contender: describe(seconds), the ratio to torch, and for ours the
+  useful GFLOP rate (useful_gflop(name) / seconds) as a share of the matmul peak."""
+  ref = seconds.get("torch+peft")
+  for name, sec in seconds.items():
+    line = f"    {name:19s} {describe(sec)}"
+    if ref is not None and not name.startswith("torch"):
+      line += f"  {ref / sec:.2f}x torch"
+    if name.startswith("ours"):
+      rate = useful_gflop(name) / sec
+      line += f"  useful {rate:,.0f} {unit} = {rate / peak:.0%} of {peak_name}"
+    print(line + extra(name))
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--reps", type=int, default=5)
@@ -224,36 +239,20 @@ def main():
         f"remat {args.remat}; "
         f"median of {args.reps}; first-step losses "
         + ", ".join(f"{k} {v:.4f}" for k, v in first.items()))
+  useful = lambda name: useful_flops(
+      cfg, B, T, T - 1 if name == "ours (all)" else args.target_tokens) / 1e9
   print("  wall clock:")
-  ref = med(wall["torch+peft"]) if "torch+peft" in wall else None
-  for name, ts in wall.items():
-    t = med(ts)
-    line = f"    {name:19s} {B * T / t:7,.0f} tok/s ({t * 1e3:7.1f} ms/step)"
-    if ref is not None and not name.startswith("torch"):
-      line += f"  {ref / t:.2f}x torch"
-    if name.startswith("ours"):
-      k = T - 1 if name == "ours (all)" else args.target_tokens
-      achieved = useful_flops(cfg, B, T, k) / t / 1e9
-      line += f"  useful {achieved:,.0f} GFLOP/s = {achieved / peak_gflops:.0%} of peak"
-    if name in memory:
-      line += f"  peak RSS {memory[name]:.2f} GiB"
-    print(line)
+  _print_rows({n: med(ts) for n, ts in wall.items()},
+              lambda t: f"{B * T / t:7,.0f} tok/s ({t * 1e3:7.1f} ms/step)", useful,
+              "GFLOP/s", peak_gflops, "peak",
+              lambda name: f"  peak RSS {memory[name]:.2f} GiB" if name in memory else "")
   print(f"    float32 2048^2 matmul peak (same run): {peak_gflops:,.0f} GFLOP/s")
   # CPU seconds (all threads) are far less sensitive to other processes on the
   # machine than wall time; torch's OpenMP spin-waiting counts as CPU time too
   # (set OMP_WAIT_POLICY=PASSIVE to exclude it on a busy machine).
   print("  CPU time (all threads):")
-  ref = med(cpu["torch+peft"]) if "torch+peft" in cpu else None
-  for name, cs in cpu.items():
-    c = med(cs)
-    line = f"    {name:19s} {c:6.2f} CPU-s/step"
-    if ref is not None and not name.startswith("torch"):
-      line += f"  {ref / c:.2f}x torch"
-    if name.startswith("ours"):
-      k = T - 1 if name == "ours (all)" else args.target_tokens
-      per_cpu_s = useful_flops(cfg, B, T, k) / c / 1e9
-      line += f"  useful {per_cpu_s:,.0f} GFLOP per CPU-s = {per_cpu_s / peak_per_cpu_s:.0%} of the matmul's"
-    print(line)
+  _print_rows({n: med(cs) for n, cs in cpu.items()}, lambda c: f"{c:6.2f} CPU-s/step", useful,
+              "GFLOP per CPU-s", peak_per_cpu_s, "the matmul's")
   print(f"    matmul: {peak_per_cpu_s:,.0f} GFLOP per CPU-s; load avg {load:.1f} at the end "
         f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')})")
 

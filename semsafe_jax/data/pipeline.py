@@ -48,8 +48,9 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
   os.replace(tmp, path)
 
 
-def _dump_json(path: pathlib.Path, obj: Any) -> None:
-  _write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+def dump_json(path: str | os.PathLike[str], obj: Any) -> None:
+  """Writes obj as indented JSON, atomically (a crash never leaves half a file)."""
+  _write_atomic(pathlib.Path(path), json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_prompts(path: pathlib.Path, prompts: list[Prompt]) -> None:
@@ -96,8 +97,8 @@ def prepare_data(config: Any, workdir: str | os.PathLike[str]) -> PreparedData:
 
   write_prompts(workdir / "prompts.jsonl", prompts)
   neighbors.save_neighbors(workdir / "pairs.npz", nb)
-  _dump_json(workdir / "splits.json", splits_lib.split_ids(prompts, split_rows))
-  _dump_json(workdir / "split_report.json", report)
+  dump_json(workdir / "splits.json", splits_lib.split_ids(prompts, split_rows))
+  dump_json(workdir / "split_report.json", report)
   neighbors.save_stats(stats, workdir / "mining_stats.json", workdir / "mining_stats.png")
   logging.info("Data prepared in %s: %d prompts, %d train harmful, %d mined pairs", workdir,
                len(prompts), len(split_rows["train"]), stats["total_pairs"])

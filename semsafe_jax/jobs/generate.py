@@ -139,13 +139,14 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
   for r in rows:
     print(f"### prompt {r['index']}: {r['prompt']}\n{r['completion']}\n", flush=True)
   if jax.process_index() == 0:
-    _write_jsonl(os.path.join(workdir, OUTPUT_FILE), rows)
+    write_jsonl(os.path.join(workdir, OUTPUT_FILE), rows)
     print(f"Wrote {len(rows)} generations to {os.path.join(workdir, OUTPUT_FILE)} "
           f"({step_note}).", flush=True)
   return rows
 
 
-def _write_jsonl(path: str, rows: Sequence[dict[str, Any]]) -> None:
+def write_jsonl(path: str, rows: Sequence[dict[str, Any]]) -> None:
+  """One JSON object per line, written atomically (also the main job's answer files)."""
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:

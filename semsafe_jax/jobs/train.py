@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 
 from semsafe_jax import adapters as adapters_lib
-from semsafe_jax.data.pipeline import PreparedData, make_batcher, prepare_data
+from semsafe_jax.data.pipeline import PreparedData, dump_json, make_batcher, prepare_data
 from semsafe_jax.data.schema import Prompt
 from semsafe_jax.data.splits import UNLABELED_SPLIT
 from semsafe_jax.eval import judge, report as report_lib
@@ -140,7 +140,7 @@ def run(config, workdir: str) -> dict[str, Any]:
       "tau": float(dc.tau),
   }
   if primary:
-    _write_jsonl(os.path.join(workdir, "answers_after.jsonl"), after)
+    gen_job.write_jsonl(os.path.join(workdir, "answers_after.jsonl"), after)
     report["plots"] = [report_lib.plot_refusal_rates(workdir, report)]
     report_lib.write_report(workdir, report, before, after)
     _print_summary(report)
@@ -191,7 +191,7 @@ def _cached_answers(path: str, eval_sets, generate, primary: bool) -> list[dict[
       return rows
   rows = _answers(eval_sets, generate)
   if primary:
-    _write_jsonl(path, rows)
+    gen_job.write_jsonl(path, rows)
   return rows
 
 
@@ -205,7 +205,7 @@ def _cached_base_answers(workdir: str, prompts: list[str], generate) -> list[str
   logging.info("Generating base-model answers for %d benign/borderline prompts.", len(prompts))
   answers = generate(prompts)
   if sharding.is_primary():
-    _write_jsonl(path, [{"prompt": p, "completion": a} for p, a in zip(prompts, answers)])
+    gen_job.write_jsonl(path, [{"prompt": p, "completion": a} for p, a in zip(prompts, answers)])
   return answers
 
 
@@ -292,8 +292,6 @@ def _flag_unlabeled_stage(config, workdir, data, params, cfg, tok, probe
     logging.warning("probe.use='flag_unlabeled' but no unlabeled prompts were loaded (a source "
                     "with ?label=unlabeled): training as with probe.use='off'.")
     return none
-  if probe is None:
-    raise ValueError("probe.use='flag_unlabeled' needs probe.train=True.")
   unsafe_prob = probe_lib.score_prompts(
       params, cfg, probe["probe"],
       *probe_lib.encode_prompts(tok, data.texts(rows), config.data.max_len),
@@ -306,7 +304,7 @@ def _flag_unlabeled_stage(config, workdir, data, params, cfg, tok, probe
   if sharding.is_primary():
     out_dir = os.path.join(workdir, "probe")
     os.makedirs(out_dir, exist_ok=True)
-    _write_atomic_json(os.path.join(out_dir, FLAGGED_FILE), record)
+    dump_json(os.path.join(out_dir, FLAGGED_FILE), record)
   return flagged, weight
 
 
@@ -357,19 +355,3 @@ def _print_summary(report: dict[str, Any]) -> None:
 def _read_jsonl(path: str) -> list[dict[str, Any]]:
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
-
-
-def _write_atomic_json(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, ensure_ascii=False)
-    f.write("\n")
-  os.replace(tmp, path)
-
-
-def _write_jsonl(path: str, rows: Sequence[dict[str, Any]]) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for r in rows:
-      f.write(json.dumps(r, ensure_ascii=False) + "\n")
-  os.replace(tmp, path)
