@@ -21,9 +21,9 @@ peak host memory of each contender alone, and the same ratios in CPU seconds
 per step (robust to other processes on a shared machine). Useful FLOPs count
 the work the loss needs: forward matmuls and attention, activation gradients,
 and LoRA gradients as PEFT forms them (through x@a and (xa)@b), never a frozen
-weight's gradient; our merged LoRA also forms the [in, out] gradient of each
-adapted kernel, which counts as overhead. Timings are medians of --reps
-steps, interleaved across the contenders so machine load hits them alike.
+weight's gradient. Ours runs LoRA unmerged, as the training loss does
+(`apply_adapters(merge=False)`). Timings are medians of --reps steps,
+interleaved across the contenders so machine load hits them alike.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def useful_flops(cfg, B: int, T: int, loss_tokens: int) -> float:
 
 
 class Ours:
-  """Our TrainStep on a LoRA CE loss (LoRA merged by the adapters module)."""
+  """Our TrainStep on a LoRA CE loss (LoRA unmerged, as in losses/total.py)."""
 
   def __init__(self, cfg, params, ids, loss_tokens: int, lr: float):
     T = ids.shape[1]
@@ -89,7 +89,7 @@ class Ours:
 
     def loss_fn(trainable, frozen, batch, rng):
       del rng
-      p = lora_lib.apply_lora(frozen, trainable, scale)
+      p = lora_lib.apply_lora(frozen, trainable, scale, merge=False)
       ids_BxT = batch["ids"]
       labels_BxK = ids_BxT[:, pos_K + 1]
       if K == T - 1:
@@ -222,6 +222,7 @@ def main():
   peak_wall, peak_cpu = [], []
   for _ in range(args.reps):
     for name, f in contenders.items():
+      time.sleep(0.5)  # lets torch's OpenMP workers stop spinning before the next timing
       t, c = time.perf_counter(), time.process_time()
       f()
       wall[name].append(time.perf_counter() - t)

@@ -51,6 +51,9 @@ def test_short_names_and_regex(base):
       "layers/mlp/down_proj/kernel", "layers/mlp/gate_proj/kernel", "layers/mlp/up_proj/kernel"]
   assert A.resolve_targets(base, "k_proj, o_proj") == [
       "layers/attn/k_proj/kernel", "layers/attn/o_proj/kernel"]
+  # A CLI override of the tuple field arrives as one comma-separated item.
+  qv = A.resolve_targets(base, ["q_proj", "v_proj"])
+  assert A.resolve_targets(base, ("q_proj,v_proj",)) == qv
   every = A.resolve_targets(base, list(A.SHORT_TARGETS))
   assert len(every) == 7 and every == A.adaptable_kernels(base)
 
@@ -104,6 +107,38 @@ def test_apply_lora_formula_and_purity(base):
   assert not np.array_equal(base["layers"]["attn"]["q_proj"]["kernel"], want)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_unmerged_lora_equals_merged(base, dropout):
+  """merge=False (training's form) computes the same function and gradients."""
+  cfg = adapter_cfg(lora_targets=list(A.SHORT_TARGETS), lora_dropout=dropout)
+  ad = perturbed(A.init_adapters(cfg, TINY, base, jax.random.key(0)))
+  p = A.apply_adapters(base, ad, cfg, merge=False)
+  q = p["layers"]["attn"]["q_proj"]
+  assert q["kernel"] is base["layers"]["attn"]["q_proj"]["kernel"] and "lora_a" in q
+  x, key = ids(), jax.random.key(7)
+
+  def f(a, merge):
+    out = A.adapted_forward(base, a, TINY, cfg, x, rng=key, merge=merge)
+    return jnp.sum(out.logits[:, -1] ** 2) / 1e3, out.logits
+  (l1, z1), g1 = jax.jit(jax.value_and_grad(f, has_aux=True), static_argnums=1)(ad, True)
+  (l2, z2), g2 = jax.jit(jax.value_and_grad(f, has_aux=True), static_argnums=1)(ad, False)
+  np.testing.assert_allclose(z1, z2, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(l1, l2, rtol=1e-5)
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-3, atol=1e-6), g1, g2)
+
+
+def test_lora_term_gradient_matches_autodiff():
+  """The hand-written backward of (x @ a) @ b equals JAX's own."""
+  r = np.random.default_rng(0)
+  x, a, b, w = (jnp.asarray(r.standard_normal(s), jnp.float32)
+                for s in [(6, 5), (5, 3), (3, 4), (6, 4)])
+  f = lambda *xab: jnp.sum(transformer.lora_term(*xab) * w)
+  ref = lambda x, a, b: jnp.sum((x @ a) @ b * w)
+  np.testing.assert_allclose(f(x, a, b), ref(x, a, b), rtol=1e-6)
+  for got, want in zip(jax.grad(f, (0, 1, 2))(x, a, b), jax.grad(ref, (0, 1, 2))(x, a, b)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_embed_mlp_formula():
   p = perturbed(A.init_embed_mlp(8, 5, jax.random.key(0)), std=0.3)
   x = np.asarray(jax.random.normal(jax.random.key(1), (2, 3, 8)))
@@ -117,12 +152,14 @@ def test_embed_mlp_formula():
 @pytest.mark.parametrize("use_jit", [False, True])
 @pytest.mark.parametrize("kw", [{}, {"embed_mlp": False},
                                 {"lora_targets": list(A.SHORT_TARGETS), "lora_rank": 8}])
-def test_identity_at_init_is_bitwise(base, use_jit, kw):
+@pytest.mark.parametrize("merge", [True, False])
+def test_identity_at_init_is_bitwise(base, use_jit, kw, merge):
   cfg = adapter_cfg(**kw)
   ad = A.init_adapters(cfg, TINY, base, jax.random.key(5))
   x, mask = ids(), jnp.array([[1] * 7, [0, 0] + [1] * 5], bool)  # left padding too
   f_base = lambda p, i: transformer.forward(p, TINY, i, attention_mask_BxS=mask).logits
-  f_ad = lambda a, p, i: A.adapted_forward(p, a, TINY, cfg, i, attention_mask_BxS=mask).logits
+  f_ad = lambda a, p, i: A.adapted_forward(p, a, TINY, cfg, i, attention_mask_BxS=mask,
+                                           merge=merge).logits
   if use_jit:
     f_base, f_ad = jax.jit(f_base), jax.jit(f_ad)
   want = np.asarray(f_base(base, x))

@@ -14,15 +14,15 @@ import jax
 import numpy as np
 
 from semsafe_jax.adapters.embed_mlp import EmbedFn, apply_embed_mlp, embed_fn_for, init_embed_mlp
-from semsafe_jax.adapters.lora import (SHORT_TARGETS, adaptable_kernels, apply_lora, init_lora,
-                                       lora_modules, resolve_targets)
+from semsafe_jax.adapters.lora import (DEFAULT_TARGETS, SHORT_TARGETS, adaptable_kernels,
+                                       apply_lora, init_lora, lora_modules, resolve_targets)
 from semsafe_jax.models import transformer
 from semsafe_jax.models.config import ModelConfig
 
 Params = dict[str, Any]
 
 __all__ = [
-    "SHORT_TARGETS", "adaptable_kernels", "adapted_embed_fn", "adapted_forward",
+    "DEFAULT_TARGETS", "SHORT_TARGETS", "adaptable_kernels", "adapted_embed_fn", "adapted_forward",
     "apply_adapters", "apply_embed_mlp", "apply_lora", "count_params", "init_adapters",
     "init_embed_mlp", "init_lora", "lora_modules", "lora_scale", "param_summary",
     "resolve_targets",
@@ -56,7 +56,7 @@ def init_adapters(adapter_cfg: Any, model_cfg: ModelConfig, params: Params | Non
   k_lora, k_mlp = jax.random.split(key)
   out: Params = {}
   rank = int(_get(adapter_cfg, "lora_rank", 0))
-  targets = _get(adapter_cfg, "lora_targets", ())
+  targets = _get(adapter_cfg, "lora_targets", DEFAULT_TARGETS)
   if rank > 0 and targets:
     out["lora"] = init_lora(params, targets, rank, k_lora)
   if _get(adapter_cfg, "embed_mlp", False):
@@ -66,12 +66,16 @@ def init_adapters(adapter_cfg: Any, model_cfg: ModelConfig, params: Params | Non
 
 
 def apply_adapters(base_params: Params, adapters: Params, adapter_cfg: Any, *,
-                   rng: jax.Array | None = None) -> Params:
-  """Base params with LoRA merged into the targeted kernels (dropout only with rng)."""
+                   rng: jax.Array | None = None, merge: bool = True) -> Params:
+  """Base params with LoRA merged into the targeted kernels (dropout only with rng).
+
+  merge=False leaves the factors beside the kernels (see apply_lora): the form
+  to differentiate, since it never builds a kernel-sized gradient.
+  """
   if not adapters.get("lora"):
     return base_params
   return apply_lora(base_params, adapters["lora"], lora_scale(adapter_cfg),
-                    dropout=float(_get(adapter_cfg, "lora_dropout", 0.0)), rng=rng)
+                    dropout=float(_get(adapter_cfg, "lora_dropout", 0.0)), rng=rng, merge=merge)
 
 
 def adapted_embed_fn(adapters: Params) -> EmbedFn:
@@ -81,9 +85,11 @@ def adapted_embed_fn(adapters: Params) -> EmbedFn:
 
 def adapted_forward(base_params: Params, adapters: Params, model_cfg: ModelConfig,
                     adapter_cfg: Any, input_ids_BxT: jax.Array, *,
-                    rng: jax.Array | None = None, **forward_kw) -> transformer.ModelOutput:
-  """`transformer.forward` of the adapted model (LoRA merged, MLP on the embeddings)."""
-  params = apply_adapters(base_params, adapters, adapter_cfg, rng=rng)
+                    rng: jax.Array | None = None, merge: bool = True,
+                    **forward_kw) -> transformer.ModelOutput:
+  """`transformer.forward` of the adapted model (LoRA merged unless merge=False, MLP on
+  the embeddings)."""
+  params = apply_adapters(base_params, adapters, adapter_cfg, rng=rng, merge=merge)
   x_BxTxD = adapted_embed_fn(adapters)(params, model_cfg, input_ids_BxT)
   return transformer.forward(params, model_cfg, inputs_embeds_BxTxD=x_BxTxD, **forward_kw)
 

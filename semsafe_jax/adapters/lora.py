@@ -18,6 +18,8 @@ import jax.numpy as jnp
 
 Params = dict[str, Any]
 
+DEFAULT_TARGETS = ("q_proj", "v_proj")  # when a config leaves lora_targets unset
+
 # Short names accepted in `lora_targets`; anything else is a regex over kernel paths.
 SHORT_TARGETS = {
     "q_proj": r"layers/attn/q_proj/kernel",
@@ -56,10 +58,11 @@ def adaptable_kernels(params: Params) -> list[str]:
 
 
 def parse_targets(targets: str | Sequence[str]) -> list[str]:
-  """Config value (list, or comma-separated string from the CLI) -> list of names/regexes."""
+  """Config value -> list of names/regexes. Items may be comma-separated strings, since
+  a CLI override of the tuple field arrives as ("q_proj,v_proj",)."""
   if isinstance(targets, str):
-    targets = [t for t in (s.strip() for s in targets.split(",")) if t]
-  return list(targets)
+    targets = [targets]
+  return [t for item in targets for t in (s.strip() for s in item.split(",")) if t]
 
 
 def resolve_targets(params: Params, targets: str | Sequence[str]) -> list[str]:
@@ -123,12 +126,17 @@ def lora_delta(a_LxIxR: jax.Array, b_LxRxO: jax.Array, scale: float) -> jax.Arra
 
 
 def apply_lora(params: Params, lora: Params, scale: float, *, dropout: float = 0.0,
-               rng: jax.Array | None = None) -> Params:
+               rng: jax.Array | None = None, merge: bool = True) -> Params:
   """Returns params with every adapted kernel replaced by W + scale * a @ b.
+
+  merge=False instead puts `lora_a` = a and `lora_b` = scale * b beside the
+  kernel, and the model computes x @ W + (x @ a) @ b. Training prefers that: it
+  never forms W + a @ b nor its [in, out] gradient.
 
   A merged kernel cannot drop per-token inputs, so dropout (when rng is given)
   masks rows of `a` (input features) with one mask per step and layer: PEFT's
-  input dropout with the mask shared across the batch's tokens.
+  input dropout with the mask shared across the batch's tokens. Both forms use
+  this mask, so they compute the same function.
   """
   mods = lora_modules(lora)
   keys = (jax.random.split(rng, len(mods)) if (dropout > 0 and rng is not None)
@@ -142,8 +150,11 @@ def apply_lora(params: Params, lora: Params, scale: float, *, dropout: float = 0
     if key is not None:  # merged-weight dropout: drop a's input rows (one mask per step and layer)
       keep = jax.random.bernoulli(key, 1.0 - dropout, a.shape[:2] + (1,))
       a = jnp.where(keep, a / (1.0 - dropout), 0.0)
-    w = node["kernel"]
-    node["kernel"] = (w.astype(jnp.float32) + lora_delta(a, ab["b"], scale)).astype(w.dtype)
+    if merge:
+      w = node["kernel"]
+      node["kernel"] = (w.astype(jnp.float32) + lora_delta(a, ab["b"], scale)).astype(w.dtype)
+    else:
+      node["lora_a"], node["lora_b"] = a, scale * ab["b"]
   return out
 
 

@@ -112,7 +112,7 @@ def total_loss(adapters: Params, base_params: Params, batch: dict[str, jax.Array
   if repr_kind not in CONSISTENCY_REPRS:
     raise ValueError(f"Unknown loss.consistency_repr {repr_kind!r}; expected {CONSISTENCY_REPRS}")
 
-  params = apply_adapters(base_params, adapters, adapter_cfg, rng=rng)
+  params = apply_adapters(base_params, adapters, adapter_cfg, rng=rng, merge=False)
   embed_fn = adapted_embed_fn(adapters)
   zero = jnp.zeros((), jnp.float32)
   metrics: dict[str, jax.Array] = {}

@@ -156,16 +156,62 @@ def rope_inv_freq(cfg: ModelConfig, theta: float, scaling: dict | None) -> np.nd
   return np.where(medium, smoothed, out).astype(np.float32)
 
 
-def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+def rope_tables(positions_BxT: jax.Array, inv_freq: np.ndarray,
+                dtype) -> tuple[jax.Array, jax.Array]:
+  """(cos, sin), each [B, T, 1, 2, H/2], for apply_rope; sin carries the rotation's signs.
+
+  Built once per forward pass, outside the layer loop: the tables are the same for
+  every layer, and inside it they would also be saved once per layer for the backward.
+  """
   freqs_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq
-  cos = jnp.cos(freqs_BxTxH2)[:, :, None, :].astype(x_BxTxNxH.dtype)
-  sin = jnp.sin(freqs_BxTxH2)[:, :, None, :].astype(x_BxTxNxH.dtype)
-  x1, x2 = jnp.split(x_BxTxNxH, 2, axis=-1)  # "rotate half" layout, as in transformers
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  cos, sin = jnp.cos(freqs_BxTxH2), jnp.sin(freqs_BxTxH2)
+  cos = jnp.stack([cos, cos], axis=2)[:, :, None]
+  sin = jnp.stack([-sin, sin], axis=2)[:, :, None]
+  return cos.astype(dtype), sin.astype(dtype)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  # "Rotate half" layout, as in transformers: out = [x1 cos - x2 sin, x2 cos + x1 sin].
+  # Written over a (2, H/2) view with a flip rather than split + concatenate: one
+  # elementwise loop forward and backward, where a concatenate costs a copy on CPU.
+  B, T, N, H = x_BxTxNxH.shape
+  x = x_BxTxNxH.reshape(B, T, N, 2, H // 2)
+  return (x * cos + jnp.flip(x, axis=3) * sin).reshape(B, T, N, H)
+
+
+@jax.custom_vjp
+def lora_term(x_NxI: jax.Array, a_IxR: jax.Array, b_RxO: jax.Array) -> jax.Array:
+  """(x @ a) @ b, with a backward pass that never transposes x.
+
+  Autodiff forms a's gradient as x^T @ g, and XLA:CPU then copies x into
+  transposed layout: for a [tokens, 1536] input that copy costs more than all
+  the LoRA matmuls together. (g^T @ x)^T reads x as it lies.
+  """
+  return (x_NxI @ a_IxR) @ b_RxO
+
+
+def _lora_fwd(x_NxI, a_IxR, b_RxO):
+  xa_NxR = x_NxI @ a_IxR
+  return xa_NxR @ b_RxO, (x_NxI, a_IxR, b_RxO, xa_NxR)
+
+
+def _lora_bwd(res, g_NxO):
+  x_NxI, a_IxR, b_RxO, xa_NxR = res
+  g_xa_NxR = g_NxO @ b_RxO.T
+  da_IxR = (g_xa_NxR.T @ x_NxI).T
+  db_RxO = xa_NxR.T @ g_NxO
+  return g_xa_NxR @ a_IxR.T, da_IxR, db_RxO
+
+
+lora_term.defvjp(_lora_fwd, _lora_bwd)
 
 
 def _linear(p: Params, x: jax.Array) -> jax.Array:
   y = x @ p["kernel"].astype(x.dtype)
+  if "lora_a" in p:  # unmerged LoRA (adapters.apply_lora(merge=False)); lora_b carries the scale
+    x_NxI = x.reshape(-1, x.shape[-1])
+    d = lora_term(x_NxI, p["lora_a"].astype(x.dtype), p["lora_b"].astype(x.dtype))
+    y = y + d.reshape(y.shape)
   return y + p["bias"].astype(x.dtype) if "bias" in p else y
 
 
@@ -173,8 +219,8 @@ def _act(cfg: ModelConfig, x: jax.Array) -> jax.Array:
   return jax.nn.silu(x) if cfg.act == "silu" else jax.nn.gelu(x, approximate=True)
 
 
-def _block(cfg: ModelConfig, p: Params, x_BxTxD, k_BxSxKxH, v_BxSxKxH, allowed_BxTxS,
-           positions_BxT, inv_freq_local, inv_freq_global, is_sliding, cache_index):
+def _block(cfg: ModelConfig, p: Params, x_BxTxD, k_BxSxKxH, v_BxSxKxH, bias_BxTxS,
+           rope_global, rope_local, is_sliding, cache_index):
   """One decoder layer. Returns (new x, full k, full v) so callers can cache."""
   B, T, _ = x_BxTxD.shape
   K, H, G = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
@@ -188,18 +234,21 @@ def _block(cfg: ModelConfig, p: Params, x_BxTxD, k_BxSxKxH, v_BxSxKxH, allowed_B
   if cfg.qk_norm:
     q = rms_norm(q, a["q_norm"]["scale"], cfg.rms_eps, cfg.norm_offset)
     k = rms_norm(k, a["k_norm"]["scale"], cfg.rms_eps, cfg.norm_offset)
-  inv_freq = jnp.where(is_sliding, inv_freq_local, inv_freq_global)
-  q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
+  cos, sin = rope_global
+  if rope_local is not None:  # Gemma 3: sliding-window layers use their own rope base
+    cos, sin = (jnp.where(is_sliding, l, g) for l, g in zip(rope_local, rope_global))
+  q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
   if k_BxSxKxH is None:
     k_all, v_all = k, v
   else:  # write the new keys/values into the cache at cache_index
     k_all = jax.lax.dynamic_update_slice_in_dim(k_BxSxKxH, k.astype(k_BxSxKxH.dtype), cache_index, 1)
     v_all = jax.lax.dynamic_update_slice_in_dim(v_BxSxKxH, v.astype(v_BxSxKxH.dtype), cache_index, 1)
-  allowed = jnp.where(is_sliding, allowed_BxTxS[1], allowed_BxTxS[0])
+  bias = jnp.where(is_sliding, bias_BxTxS[1], bias_BxTxS[0])
 
   q = q.reshape(B, T, K, G, H)
   scores = jnp.einsum("btkgh,bskh->bkgts", q, k_all.astype(q.dtype)).astype(jnp.float32)
-  scores = jnp.where(allowed[:, None, None], scores * cfg.attn_scale, _NEG_INF)
+  # An additive mask: its gradient needs no saved [B, K, G, T, S] predicate, unlike where().
+  scores = scores * cfg.attn_scale + bias[:, None, None]
   probs = jax.nn.softmax(scores, axis=-1).astype(x_BxTxD.dtype)
   o = jnp.einsum("bkgts,bskh->btkgh", probs, v_all.astype(probs.dtype)).reshape(B, T, K * G * H)
   o = _linear(a["o_proj"], o)
@@ -302,17 +351,17 @@ def forward(params: Params, cfg: ModelConfig, input_ids_BxT: jax.Array | None = 
     local_BxTxS = glob_BxTxS & near_TxS[None]
   else:
     local_BxTxS = glob_BxTxS
-  allowed = jnp.stack([glob_BxTxS, local_BxTxS])
+  bias = jnp.where(jnp.stack([glob_BxTxS, local_BxTxS]), 0.0, _NEG_INF).astype(jnp.float32)
 
-  inv_g = jnp.asarray(rope_inv_freq(cfg, cfg.rope_theta, cfg.rope_scaling_dict))
-  inv_l = (jnp.asarray(rope_inv_freq(cfg, cfg.rope_local_theta, None))
-           if cfg.rope_local_theta else inv_g)
+  rope_g = rope_tables(positions_BxT, rope_inv_freq(cfg, cfg.rope_theta, cfg.rope_scaling_dict),
+                       cfg.dtype)
+  rope_l = (rope_tables(positions_BxT, rope_inv_freq(cfg, cfg.rope_local_theta, None), cfg.dtype)
+            if cfg.rope_local_theta else None)
   sliding_L = jnp.asarray(cfg.sliding_layers)
 
   def body(x, xs):
     p, k_c, v_c, is_sliding = xs
-    x, k_all, v_all = _block(cfg, p, x, k_c, v_c, allowed, positions_BxT, inv_l, inv_g,
-                             is_sliding, cache_index)
+    x, k_all, v_all = _block(cfg, p, x, k_c, v_c, bias, rope_g, rope_l, is_sliding, cache_index)
     new_kv = (k_all, v_all) if cache is not None else None
     return x, (new_kv, x if output_hidden_states else None)
 
