@@ -147,7 +147,7 @@ def apply_lora(params: Params, lora: Params, scale: float, *, dropout: float = 0
     for p in path.split("/"):
       node = node[p]
     a = ab["a"]
-    if key is not None:  # merged-weight dropout: drop a's input rows (one mask per step and layer)
+    if key is not None:  # drop a's input rows (one mask per step and layer), either form
       keep = jax.random.bernoulli(key, 1.0 - dropout, a.shape[:2] + (1,))
       a = jnp.where(keep, a / (1.0 - dropout), 0.0)
     if merge:
