@@ -31,6 +31,9 @@ setup(
         "tqdm>=4.60",
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
+        # A caching malloc for CPU runs (semsafe_jax/malloc.py): XLA's per-step
+        # temporaries otherwise page-fault in afresh every step under glibc.
+        "tbb>=2021.10; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
         # torch is the numerical oracle in tests; 2.13.0 is pinned because this

@@ -24,6 +24,10 @@ and LoRA gradients as PEFT forms them (through x@a and (xa)@b), never a frozen
 weight's gradient. Ours runs LoRA unmerged, as the training loss does
 (`apply_adapters(merge=False)`). Timings are medians of --reps steps,
 interleaved across the contenders so machine load hits them alike.
+
+Both contenders run in one process, so under the same host allocator: the
+caching malloc our entry points use (semsafe_jax/malloc.py), or glibc's with
+--malloc system. The header names it.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from semsafe_jax import malloc
 from semsafe_jax.adapters import lora as lora_lib
 from semsafe_jax.models import transformer
 from semsafe_jax.models.loading import load_config, load_pretrained
@@ -192,10 +197,15 @@ def main():
   ap.add_argument("--seq", type=int, default=128)
   ap.add_argument("--target_tokens", type=int, default=32)
   ap.add_argument("--remat", default="off", help="ours: model.remat (off | full | dots)")
+  ap.add_argument("--malloc", choices=malloc.CHOICES, default=None,
+                  help=f"host allocator for both contenders (default: ${malloc.ENV} or auto)")
   ap.add_argument("--skip_torch", action="store_true")
   ap.add_argument("--skip_memory", action="store_true")
   ap.add_argument("--memory_of", default="", help=argparse.SUPPRESS)  # internal
   args = ap.parse_args()
+  if args.malloc:
+    os.environ[malloc.ENV] = args.malloc
+  malloc.reexec()  # both contenders run in this process, so under the same allocator
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count() or 1)
   B, T, lr = args.batch, args.seq, 1e-4
@@ -215,7 +225,8 @@ def main():
   peak_run, peak_flops = matmul_peak_seconds()
   print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} cores, "
         f"torch threads {torch.get_num_threads()}, jax {jax.__version__}, "
-        f"torch {torch.__version__}, load avg {os.getloadavg()[0]:.1f}")
+        f"torch {torch.__version__}, allocator {malloc.active()}, "
+        f"load avg {os.getloadavg()[0]:.1f}")
   first = {name: f() for name, f in contenders.items()}  # compile / warm up
   wall = {name: [] for name in contenders}
   cpu = {name: [] for name in contenders}

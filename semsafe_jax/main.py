@@ -10,6 +10,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from semsafe_jax import malloc
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where outputs, caches and checkpoints go.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -29,6 +31,8 @@ def main(argv):
   del argv
   absl_logging.get_absl_handler().addFilter(_QuietCheckpointLogs())
   config = _CONFIG.value
+  absl_logging.info("host allocator: %s (%s=system keeps the C library's)", malloc.active(),
+                    malloc.ENV)
   if config.mode not in _MODES:
     raise app.UsageError(f"Unknown config.mode={config.mode!r}; choose one of {sorted(_MODES)}.")
   if config.get("fast_compile", False):
@@ -42,4 +46,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  malloc.reexec()  # restarts once under a caching allocator; see malloc.py
   app.run(main)

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from semsafe_jax import adapters as adapters_lib
+from semsafe_jax import adapters as adapters_lib, malloc
 from semsafe_jax.data.pipeline import PreparedData, dump_json, make_batcher, prepare_data
 from semsafe_jax.data.schema import Prompt
 from semsafe_jax.data.splits import UNLABELED_SPLIT
@@ -59,6 +59,9 @@ def run(config, workdir: str) -> dict[str, Any]:
   before = _cached_answers(os.path.join(workdir, "answers_before.jsonl"), eval_sets,
                            lambda prompts: gen(params, cfg, prompts=prompts), primary)
 
+  # Between stages whose working sets differ, the caching allocator (malloc.py)
+  # hands its free blocks back, so it never holds more than one stage's.
+  malloc.release()
   harm_rows, benign_rows = data.splits["train"], _benign_rows(data)
   probe = _probe_stage(config, workdir, data, params, cfg, tok, harm_rows, benign_rows)
   # Probe-flagged unlabeled prompts train as harmful, weighted by their unsafe probability.
@@ -69,6 +72,7 @@ def run(config, workdir: str) -> dict[str, Any]:
                                       lambda prompts: gen(params, cfg, prompts=prompts,
                                                           max_new_tokens=ec.base_answer_tokens))
 
+  malloc.release()
   dc = config.data
   harm = inputs.encode_rows(tok, data.texts(harm_rows), _refusal_targets(data, harm_rows),
                             dc.max_len, dc.max_response_tokens)
@@ -122,6 +126,7 @@ def run(config, workdir: str) -> dict[str, Any]:
                          frozen={"base": params, "aux": aux}, frozen_axes=frozen_axes, mesh=mesh)
   train_seconds = time.time() - t0  # this process's share when the run was resumed
   trained = jax.device_get(trained)
+  malloc.release()
 
   adapted, embed_fn = gen_job.apply_trained(params, trained, config.adapters)
   after = _answers(eval_sets, lambda prompts: gen(adapted, cfg, prompts=prompts,
