@@ -55,11 +55,13 @@ def _tbbmalloc() -> dict[str, str] | None:
     return None
   lib_path = os.pathsep.join(p for p in (str(path.parent), os.environ.get("LD_LIBRARY_PATH"))
                              if p)
-  # tbbmalloc returns freed objects above this size to the OS unless told otherwise,
+  # tbbmalloc hands freed large objects back to the OS unless they count as "huge",
   # which is exactly the churn we are avoiding; 1 MiB covers every XLA temporary
-  # that matters while leaving small-object handling as it is.
+  # that matters while leaving small-object handling as it is. A value the user
+  # set wins.
+  threshold = os.environ.get("TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD", str(1 << 20))
   return {"LD_PRELOAD": str(path), "LD_LIBRARY_PATH": lib_path,
-          "TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD": str(1 << 20)}
+          "TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD": threshold}
 
 
 _FINDERS = {"tcmalloc": _tcmalloc, "tbbmalloc": _tbbmalloc}
