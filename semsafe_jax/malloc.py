@@ -117,8 +117,8 @@ def active() -> str:
 def release() -> None:
   """Hands the caching allocator's free memory back to the OS.
 
-  Call it where the working set changes shape (between stages, after compiling):
-  the cache then holds one stage's freed blocks, not every stage's.
+  Call it between stages whose working sets differ: the cache then holds one
+  stage's freed blocks, not every stage's.
   """
   name = os.environ.get(_ACTIVE)
   if name not in _FINDERS:
