@@ -14,6 +14,8 @@ Measures, in float32 on the local CPU (or whatever device JAX picks):
 The torch side is transformers' LlamaForCausalLM holding the same weights.
 Every number is the median of --reps runs after a warm-up, ours and
 transformers alternating; torch uses as many threads as there are cores.
+Both sides run under the same host allocator (see semsafe_jax/malloc.py;
+--malloc system for the C library's).
 Run it on an otherwise idle machine: other load slows torch's OpenMP
 threads far more than XLA's, which inflates the ratios (the process CPU-time
 ratio is printed too, and the load average).
@@ -31,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from semsafe_jax import malloc
 from semsafe_jax.models import chat as chat_lib
 from semsafe_jax.models import generate as gen_lib
 from semsafe_jax.models import transformer
@@ -99,7 +102,12 @@ def main():
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--seq", type=int, default=128)
   ap.add_argument("--new_tokens", type=int, default=64)
+  ap.add_argument("--malloc", choices=malloc.CHOICES, default=None,
+                  help=f"host allocator for both sides (default: ${malloc.ENV} or auto)")
   args = ap.parse_args()
+  if args.malloc:
+    os.environ[malloc.ENV] = args.malloc
+  malloc.reexec()  # as the command line does; both sides run in this process
 
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
@@ -119,7 +127,8 @@ def main():
   _copy_to_torch(params, cfg, model)
   print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} cores, "
         f"torch threads {torch.get_num_threads()}, jax {jax.__version__}, "
-        f"torch {torch.__version__}, transformers {transformers.__version__}; "
+        f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"allocator {malloc.active()}; "
         f"load average {os.getloadavg()[0]:.1f} (other processes skew both sides, torch most)")
 
   # (a) forward.
