@@ -105,9 +105,7 @@ def main():
   ap.add_argument("--malloc", choices=malloc.CHOICES, default=None,
                   help=f"host allocator for both sides (default: ${malloc.ENV} or auto)")
   args = ap.parse_args()
-  if args.malloc:
-    os.environ[malloc.ENV] = args.malloc
-  malloc.reexec()  # as the command line does; both sides run in this process
+  malloc.reexec(args.malloc)  # as the command line does; both sides run in this process
 
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top

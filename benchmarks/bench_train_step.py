@@ -203,9 +203,7 @@ def main():
   ap.add_argument("--skip_memory", action="store_true")
   ap.add_argument("--memory_of", default="", help=argparse.SUPPRESS)  # internal
   args = ap.parse_args()
-  if args.malloc:
-    os.environ[malloc.ENV] = args.malloc
-  malloc.reexec()  # both contenders run in this process, so under the same allocator
+  malloc.reexec(args.malloc)  # both contenders run in this process, so under the same allocator
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count() or 1)
   B, T, lr = args.batch, args.seq, 1e-4

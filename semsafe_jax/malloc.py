@@ -88,12 +88,15 @@ def plan(environ: dict[str, str] | None = None) -> tuple[str, dict[str, str]] | 
   return None
 
 
-def reexec() -> None:
+def reexec(choice: str | None = None) -> None:
   """Restarts this process's command line with the caching allocator preloaded.
 
   Call it before anything else in a `__main__` block; it returns (doing nothing)
   when no allocator is needed or available, or in the restarted process.
+  `choice` (one of CHOICES) overrides $SEMSAFE_MALLOC, for this process and the restart.
   """
+  if choice:
+    os.environ[ENV] = choice
   p = plan()
   if p is None or not sys.executable:
     return
