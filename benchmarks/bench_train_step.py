@@ -170,7 +170,7 @@ def peak_rss_gib(name: str, args) -> float:
   """Peak host memory of one contender alone (a fresh process: build, 2 steps)."""
   cmd = [sys.executable, __file__, "--memory_of", name, "--batch", str(args.batch),
          "--seq", str(args.seq), "--target_tokens", str(args.target_tokens),
-         "--remat", args.remat]
+         "--remat", args.remat, "--layer_loop", args.layer_loop]
   out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
   return float(out.strip().splitlines()[-1])
 
@@ -197,6 +197,8 @@ def main():
   ap.add_argument("--seq", type=int, default=128)
   ap.add_argument("--target_tokens", type=int, default=32)
   ap.add_argument("--remat", default="off", help="ours: model.remat (off | full | dots)")
+  ap.add_argument("--layer_loop", default="auto",
+                  help="ours: model.layer_loop (auto | scan | unroll; auto unrolls on CPU)")
   ap.add_argument("--malloc", choices=malloc.CHOICES, default=None,
                   help=f"host allocator for both contenders (default: ${malloc.ENV} or auto)")
   ap.add_argument("--skip_torch", action="store_true")
@@ -208,7 +210,7 @@ def main():
   torch.set_num_threads(os.cpu_count() or 1)
   B, T, lr = args.batch, args.seq, 1e-4
   cfg = load_config("smollm2-135m-instruct", dtype="float32", param_dtype="float32",
-                    remat=args.remat)
+                    remat=args.remat, layer_loop=args.layer_loop)
   ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (B, T)).astype(np.int32)
   targets_name = f"ours (targets {args.target_tokens})"
   names = ["ours (all)", targets_name] + ([] if args.skip_torch else ["torch+peft"])
@@ -245,8 +247,9 @@ def main():
   load = os.getloadavg()[0]
   memory = {} if args.skip_memory else {n: peak_rss_gib(n, args) for n in names}
 
+  loop = "unrolled" if transformer.unrolls_layers(cfg) else "scanned"
   print(f"step: batch {B} x {T}, LoRA r={RANK} on {'+'.join(TARGETS)}, AdamW, float32, "
-        f"remat {args.remat}; "
+        f"remat {args.remat}, layers {loop}; "
         f"median of {args.reps}; first-step losses "
         + ", ".join(f"{k} {v:.4f}" for k, v in first.items()))
   useful = lambda name: useful_flops(

@@ -24,6 +24,9 @@ def get_config():
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
   c.model.param_dtype = "float32"  # weights are cast to this while streaming in
   c.model.remat = False  # recompute in the backward pass: False | "full" (True) | "dots"
+  # Layers as a scan (one compiled block) or unrolled (faster steps on CPU, longer compiles):
+  # auto = unroll on CPU, scan on GPU/TPU | scan | unroll.
+  c.model.layer_loop = "auto"
 
   # --- data (semsafe_jax/data) ---
   c.data = ml_collections.ConfigDict()

@@ -60,11 +60,11 @@ def rows_of(lengths, seed=0):
 
 
 def run_decode(params, rows, n=8, *, length=32, sampling=gen.Sampling(), stop=NO_STOP, seed=0,
-               embed_fn=None, batch=4):
+               embed_fn=None, batch=4, cfg=CFG):
   """decode() on left-padded rows; the default shape is shared, so compiled once."""
   ids, mask = chat.left_pad(rows, length=length, rows=batch, pad=PAD)
   out = gen.decode(params, gen.as_embed_partial(embed_fn), ids, mask, np.asarray(stop, np.int32),
-                   jax.random.key(seed), np.int32(PAD), cfg=CFG, max_new_tokens=n,
+                   jax.random.key(seed), np.int32(PAD), cfg=cfg, max_new_tokens=n,
                    sampling=sampling)
   return [np.asarray(x) for x in out]
 
@@ -279,40 +279,51 @@ def test_chat_falls_back_to_plain_text_without_template(tokenizer):
     dict(family="gemma3", norm_offset=1.0, qk_norm=True, sandwich_norm=True, act="gelu_tanh",
          embed_scale=4.0, sliding_window=3, layer_is_sliding=(True, False), rope_local_theta=1e4),
 ])
-def test_unstacked_layers_match_stacked(family_kw):
-  """forward() on per-layer params (and cache), as decoding uses it, equals the scan."""
-  cfg = CFG.replace(**family_kw)
-  p = transformer.init_params(cfg, jax.random.key(1), std=STD)
-  up = gen.unstack_layers(p, cfg.num_layers)
+def test_layer_loops_match(family_kw):
+  """forward() gives the same outputs and cache with the layers scanned, unrolled over the
+  stacked params, or run over per-layer params (as decoding passes them)."""
+  scan = CFG.replace(**family_kw, layer_loop="scan")
+  unroll = scan.replace(layer_loop="unroll")
+  p = transformer.init_params(scan, jax.random.key(1), std=STD)
+  per_layer = transformer.unstack_layers(p, scan.num_layers)
   ids = jnp.asarray(rows_of([7])[0])[None].repeat(2, 0)
   mask = jnp.ones((2, 7), bool).at[0, :2].set(False)
-  a = transformer.forward(p, cfg, ids, attention_mask_BxS=mask, output_hidden_states=True)
-  b = transformer.forward(up, cfg, ids, attention_mask_BxS=mask, output_hidden_states=True)
-  np.testing.assert_allclose(a.logits, b.logits, rtol=1e-5, atol=1e-5)
-  # Hidden states reach |80| here; the two layouts fuse differently, so allow float32
-  # rounding at that scale.
-  np.testing.assert_allclose(a.hidden_states, b.hidden_states, rtol=1e-5, atol=1e-4)
-  # With a cache: prefill 5 tokens, then 2 more, stacked vs per-layer lists.
+  want = transformer.forward(p, scan, ids, attention_mask_BxS=mask, output_hidden_states=True)
+  for params, cfg in ((p, unroll), (per_layer, scan)):
+    got = transformer.forward(params, cfg, ids, attention_mask_BxS=mask,
+                              output_hidden_states=True)
+    np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    # Hidden states reach |80| here; the layouts fuse differently, so allow float32
+    # rounding at that scale.
+    np.testing.assert_allclose(got.hidden_states, want.hidden_states, rtol=1e-5, atol=1e-4)
+  # With a cache: prefill 5 tokens, then 2 more. A stacked cache stays stacked when unrolled.
   full = jnp.zeros((2, 9), bool).at[:, :7].set(mask)
-  stacked = transformer.init_cache(cfg, 2, 9)
-  lists = {k: [c[i] for i in range(cfg.num_layers)] for k, c in stacked.items()}
+  scanned = unrolled = transformer.init_cache(scan, 2, 9)
+  lists = {k: [c[i] for i in range(scan.num_layers)] for k, c in scanned.items()}
   for start, stop in ((0, 5), (5, 7)):
     m = full.at[:, stop:].set(False)
-    a = transformer.forward(p, cfg, ids[:, start:stop], attention_mask_BxS=m, cache=stacked,
-                            cache_index=start)
-    b = transformer.forward(up, cfg, ids[:, start:stop], attention_mask_BxS=m, cache=lists,
-                            cache_index=start)
-    stacked, lists = a.cache, b.cache
-    np.testing.assert_allclose(a.logits, b.logits, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(stacked["k"], jnp.stack(lists["k"]), rtol=1e-5, atol=1e-5)
+    run = lambda params, cfg, cache: transformer.forward(
+        params, cfg, ids[:, start:stop], attention_mask_BxS=m, cache=cache, cache_index=start)
+    a, b, c = run(p, scan, scanned), run(p, unroll, unrolled), run(per_layer, scan, lists)
+    scanned, unrolled, lists = a.cache, b.cache, c.cache
+    for out in (b, c):
+      np.testing.assert_allclose(out.logits, a.logits, rtol=1e-5, atol=1e-5)
+  assert unrolled["k"].shape == scanned["k"].shape
+  for k in ("k", "v"):
+    np.testing.assert_allclose(unrolled[k], scanned[k], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jnp.stack(lists[k]), scanned[k], rtol=1e-5, atol=1e-5)
 
 
-def test_stacked_decoding_matches_unstacked(params, traces, monkeypatch):
-  """The scan-over-layers decode (non-CPU backends) gives the same tokens."""
+def test_layer_loop_is_checked():
+  with pytest.raises(ValueError, match="layer_loop"):
+    CFG.replace(layer_loop="sometimes")
+  assert transformer.unrolls_layers(CFG) == (jax.default_backend() == "cpu")  # auto
+
+
+def test_scanned_decoding_matches_unrolled(params, traces):
+  """Decoding with the layers scanned (the default off CPU) gives the same tokens."""
   rows = rows_of([3, 11, 7, 1])
-  monkeypatch.setattr(gen, "decode_unstacked", lambda: False)
-  stacked = run_decode(params, rows)[0]
-  monkeypatch.setattr(gen, "decode_unstacked", lambda: True)
-  unstacked = run_decode(params, rows, batch=8)[0][:4]  # another shape: traced again
-  assert len(traces) == 2
-  np.testing.assert_array_equal(stacked, unstacked)
+  scanned = run_decode(params, rows, cfg=CFG.replace(layer_loop="scan"))[0]
+  unrolled = run_decode(params, rows, cfg=CFG.replace(layer_loop="unroll"))[0]
+  assert len(traces) == 2  # the two loops compile separately
+  np.testing.assert_array_equal(scanned, unrolled)

@@ -85,18 +85,19 @@ def test_trainable_must_be_float32_after_init():
   assert state.trainable["w"].dtype == jnp.float32
 
 
-
-def test_remat_policies_give_the_same_gradients(monkeypatch):
+def test_remat_policies_and_layer_loops_give_the_same_gradients(monkeypatch):
   frozen, batch, trainable = toy.frozen_params(), toy.BatchFn()(0), toy.init_trainable()
   base_cfg = toy.CFG
 
-  def grads(remat):
-    monkeypatch.setattr(toy, "CFG", base_cfg.replace(remat=remat))
+  def grads(**kw):
+    monkeypatch.setattr(toy, "CFG", base_cfg.replace(**kw))
     g = jax.jit(jax.grad(lambda t: toy.loss_fn(t, frozen, batch, None)[0]))(trainable)
     return toy.flat(g)
 
-  want = grads(False)
-  for remat in (True, "full", "dots"):
-    np.testing.assert_allclose(grads(remat), want, rtol=1e-5, atol=1e-7)
+  want = grads(remat=False, layer_loop="scan")
+  assert np.abs(want).max() > 0
+  for loop in ("scan", "unroll"):
+    for remat in (False, True, "full", "dots"):
+      np.testing.assert_allclose(grads(remat=remat, layer_loop=loop), want, rtol=1e-5, atol=1e-7)
   with np.testing.assert_raises(ValueError):
     transformer.remat_policy("sometimes")

@@ -103,7 +103,8 @@ def apply_trained(params, adapters, adapter_cfg):
 def run(config, workdir: str) -> list[dict[str, Any]]:
   gc, mc = config.generate, config.model
   prompts = collect_prompts(gc)
-  pre = load_pretrained(mc.name_or_path, dtype=mc.dtype, param_dtype=mc.param_dtype)
+  pre = load_pretrained(mc.name_or_path, dtype=mc.dtype, param_dtype=mc.param_dtype,
+                        layer_loop=mc.layer_loop)
   cfg, params, tok = pre.cfg, pre.params, pre.tokenizer
   if tok is None:
     raise ValueError(f"{mc.name_or_path} has no tokenizer; generation needs one.")

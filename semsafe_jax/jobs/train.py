@@ -49,7 +49,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   primary = sharding.is_primary()
   data = prepare_data(config, workdir)
   mc = config.model
-  pre = load_pretrained(mc.name_or_path, dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat)
+  pre = load_pretrained(mc.name_or_path, dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat,
+                        layer_loop=mc.layer_loop)
   cfg, params, tok = pre.cfg, jax.device_put(pre.params), pre.tokenizer
   ec = config.eval
 

@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3")
+LAYER_LOOPS = ("auto", "scan", "unroll")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,11 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool | str = False  # off | full (True) | dots; see transformer.remat_policy
+  layer_loop: str = "auto"  # auto | scan | unroll; see transformer.unrolls_layers
+
+  def __post_init__(self):
+    if self.layer_loop not in LAYER_LOOPS:
+      raise ValueError(f"model.layer_loop={self.layer_loop!r}; expected one of {LAYER_LOOPS}")
 
   @property
   def attn_scale(self) -> float:

@@ -85,16 +85,16 @@ def _decode(params: Params, embed_fn: jax.tree_util.Partial, ids_BxP: jax.Array,
   N = max_new_tokens
   mask_BxS = jnp.concatenate([mask_BxP, jnp.zeros((B, N), bool)], axis=1)
   cache = transformer.init_cache(cfg, B, P + N)
+  if transformer.unrolls_layers(cfg):  # per-layer arrays: sliced once, not once per token
+    params = transformer.unstack_layers(params, cfg.num_layers)
+    cache = {name: [c[i] for i in range(cfg.num_layers)] for name, c in cache.items()}
   out = transformer.forward(params, cfg, inputs_embeds_BxTxD=embed_fn(params, cfg, ids_BxP),
                             attention_mask_BxS=mask_BxS, cache=cache, cache_index=0,
                             compute_logits=False)
   # Left padding puts every row's last prompt token in column P-1: only its
   # logits are needed, which skips a [B, P, V] projection.
   logits_BxV = transformer.lm_head(params, cfg, out.hidden[:, -1:])[:, 0]
-  step_params, cache = params, out.cache
-  if decode_unstacked():
-    step_params = unstack_layers(params, cfg.num_layers)
-    cache = {name: [c[i] for i in range(cfg.num_layers)] for name, c in cache.items()}
+  cache = out.cache
   next_pos_B = jnp.sum(mask_BxP, axis=1).astype(jnp.int32)
   is_stop = lambda t_B: jnp.any(t_B[:, None] == stop_ids_E[None, :], axis=1)
 
@@ -114,11 +114,11 @@ def _decode(params: Params, embed_fn: jax.tree_util.Partial, ids_BxP: jax.Array,
     slot = P + step - 1  # the previous token's cache slot
     prev_B = jax.lax.dynamic_index_in_dim(tokens_BxN, step - 1, axis=1, keepdims=False)
     mask_BxS = jax.lax.dynamic_update_slice_in_dim(mask_BxS, jnp.ones((B, 1), bool), slot, 1)
-    x_Bx1xD = embed_fn(step_params, cfg, prev_B[:, None])
-    out = transformer.forward(step_params, cfg, inputs_embeds_BxTxD=x_Bx1xD,
+    x_Bx1xD = embed_fn(params, cfg, prev_B[:, None])
+    out = transformer.forward(params, cfg, inputs_embeds_BxTxD=x_Bx1xD,
                               attention_mask_BxS=mask_BxS, positions_BxT=pos_B[:, None],
                               cache=cache, cache_index=slot, compute_logits=False)
-    logits_BxV = transformer.lm_head(step_params, cfg, out.hidden)[:, 0]
+    logits_BxV = transformer.lm_head(params, cfg, out.hidden)[:, 0]
     tok_B = _sample(logits_BxV, jax.random.fold_in(key, step), sampling)
     tok_B = jnp.where(done_B, pad, tok_B)  # finished rows emit padding only
     tokens_BxN = jax.lax.dynamic_update_slice_in_dim(tokens_BxN, tok_B[:, None], step, 1)
@@ -129,27 +129,6 @@ def _decode(params: Params, embed_fn: jax.tree_util.Partial, ids_BxP: jax.Array,
   state = (jnp.int32(1), cache, mask_BxS, tokens_BxN, lengths_B, done_B, next_pos_B)
   steps, _, _, tokens_BxN, lengths_B, done_B, _ = jax.lax.while_loop(cond, body, state)
   return tokens_BxN, lengths_B, done_B & ~empty_B, steps
-
-
-def decode_unstacked() -> bool:
-  """Whether decode steps run on per-layer weight and cache arrays.
-
-  XLA:CPU copies each layer's weight and cache slice out of the stacked arrays
-  before using it, which doubles the memory traffic of a decode step (1.6x
-  slower on SmolLM2-135M). Per-layer arrays are read in place, at the price of
-  a bigger program and one copy of the weights per call; other backends keep
-  the compact scan.
-  """
-  return jax.default_backend() == "cpu"
-
-
-def unstack_layers(params: Params, num_layers: int) -> Params:
-  """params with "layers" as a list of per-layer dicts (see `transformer.forward`)."""
-  layers = params["layers"]
-  if isinstance(layers, (list, tuple)):
-    return params
-  return {**params, "layers": [jax.tree.map(lambda a, i=i: a[i], layers)
-                               for i in range(num_layers)]}
 
 
 # One jitted function for the process: its cache keys on the shapes plus the

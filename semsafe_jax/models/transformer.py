@@ -307,6 +307,31 @@ def remat_policy(remat: bool | str):
           "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[mode]
 
 
+def unrolls_layers(cfg: ModelConfig) -> bool:
+  """Whether `forward` runs stacked layers as a Python loop instead of a scan.
+
+  A scan compiles one block whatever the depth, but on XLA:CPU it copies every
+  layer's weights out of the stacked arrays, and every activation saved for the
+  backward pass into stacked arrays, on each call: 11% of a SmolLM2-135M LoRA
+  train step (benchmarks/bench_train_step.py --layer_loop), and a decode step's
+  memory traffic doubles (generate.py slices once per call). Unrolled, each layer
+  reads a static slice and the program holds L copies of the block, which costs
+  compile time. "auto" unrolls on CPU and scans elsewhere.
+  """
+  if cfg.layer_loop == "auto":
+    return jax.default_backend() == "cpu"
+  return cfg.layer_loop == "unroll"
+
+
+def unstack_layers(params: Params, num_layers: int) -> Params:
+  """params with "layers" as a list of per-layer dicts (see `forward`)."""
+  layers = params["layers"]
+  if isinstance(layers, (list, tuple)):
+    return params
+  return {**params, "layers": [jax.tree.map(lambda a, i=i: a[i], layers)
+                               for i in range(num_layers)]}
+
+
 def forward(params: Params, cfg: ModelConfig, input_ids_BxT: jax.Array | None = None, *,
             inputs_embeds_BxTxD: jax.Array | None = None,
             attention_mask_BxS: jax.Array | None = None,
@@ -324,15 +349,22 @@ def forward(params: Params, cfg: ModelConfig, input_ids_BxT: jax.Array | None = 
 
   `params["layers"]` may also be a list of per-layer dicts (with the cache,
   if any, as per-layer lists {"k","v": L x [B, S, K, H]}): the layers then run
-  as a Python loop that reads each layer's weights and cache in place, where
-  XLA:CPU's scan first copies every layer's slice out of the stacked arrays.
-  CPU decoding uses this (generate.py); it compiles L copies of a block.
+  as a Python loop that reads each layer's weights and cache in place. CPU
+  decoding passes that (generate.py) so the slicing happens once per call, not
+  once per token. Stacked params run the same loop when `unrolls_layers(cfg)`,
+  and a scan otherwise; the cache comes back in the layout it came in.
   """
   if (input_ids_BxT is None) == (inputs_embeds_BxTxD is None):
     raise ValueError("Pass exactly one of input_ids_BxT or inputs_embeds_BxTxD.")
   x = embed(params, cfg, input_ids_BxT) if inputs_embeds_BxTxD is None else inputs_embeds_BxTxD
   x = x.astype(cfg.dtype)
   B, T, _ = x.shape
+  restack_cache = False
+  if not isinstance(params["layers"], (list, tuple)) and unrolls_layers(cfg):
+    params = unstack_layers(params, cfg.num_layers)
+    if cache is not None:
+      cache = {k: [c[i] for i in range(cfg.num_layers)] for k, c in cache.items()}
+      restack_cache = True
   unstacked = isinstance(params["layers"], (list, tuple))
   S = T if cache is None else cache["k"][0].shape[1] if unstacked else cache["k"].shape[2]
   mask_BxS = (jnp.ones((B, S), bool) if attention_mask_BxS is None
@@ -386,5 +418,7 @@ def forward(params: Params, cfg: ModelConfig, input_ids_BxT: jax.Array | None = 
   if output_hidden_states:  # embeddings, layer 1..L-1 outputs, final normed output
     hidden_states = jnp.concatenate([x[None], layer_outs[:-1], h_final[None]], axis=0)
   new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1]}
+  if restack_cache:
+    new_cache = {k: jnp.stack(c) for k, c in new_cache.items()}
   logits = lm_head(params, cfg, h_final) if compute_logits else None
   return ModelOutput(logits, h_final, hidden_states, new_cache)
