@@ -104,6 +104,8 @@ def main():
   ap.add_argument("--new_tokens", type=int, default=64)
   ap.add_argument("--malloc", choices=malloc.CHOICES, default=None,
                   help=f"host allocator for both sides (default: ${malloc.ENV} or auto)")
+  ap.add_argument("--layer_loop", default="auto",
+                  help="ours: model.layer_loop (auto | scan | unroll; auto unrolls on CPU)")
   args = ap.parse_args()
   malloc.reexec(args.malloc)  # as the command line does; both sides run in this process
 
@@ -111,7 +113,8 @@ def main():
   import transformers  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count() or 1)
 
-  pre = load_pretrained(args.model, dtype="float32", param_dtype="float32")
+  pre = load_pretrained(args.model, dtype="float32", param_dtype="float32",
+                        layer_loop=args.layer_loop)
   cfg, params, tok = pre.cfg, pre.params, pre.tokenizer
   hf = transformers.LlamaConfig(
       vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
@@ -126,7 +129,8 @@ def main():
   print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} cores, "
         f"torch threads {torch.get_num_threads()}, jax {jax.__version__}, "
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"allocator {malloc.active()}; "
+        f"allocator {malloc.active()}, "
+        f"layers {'unrolled' if transformer.unrolls_layers(cfg) else 'scanned'}; "
         f"load average {os.getloadavg()[0]:.1f} (other processes skew both sides, torch most)")
 
   # (a) forward.

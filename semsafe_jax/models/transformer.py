@@ -2,8 +2,9 @@
 
 The NNX module only owns parameters. The forward pass is a pure function of a
 plain params dict, so adapters can transform that dict (`nnx.split` -> pure
-loss -> `nnx.merge`) and layers run under one `jax.lax.scan` (compile time and
-memory independent of depth). Layer params are stacked on a leading axis.
+loss -> `nnx.merge`). Layer params are stacked on a leading axis; the layers run
+under one `jax.lax.scan` (compile time independent of depth) or, on CPU, as an
+unrolled loop (see `unrolls_layers`).
 
 Shape suffixes: B batch, T new tokens, S key slots (T, or the cache length),
 D model width, F MLP width, N query heads, K kv heads, G = N // K, H head dim,
