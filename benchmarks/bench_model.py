@@ -37,6 +37,7 @@ from semsafe_jax import malloc
 from semsafe_jax.models import chat as chat_lib
 from semsafe_jax.models import generate as gen_lib
 from semsafe_jax.models import transformer
+from semsafe_jax.models.config import LAYER_LOOPS
 from semsafe_jax.models.loading import load_pretrained
 
 PROMPTS = [
@@ -104,8 +105,8 @@ def main():
   ap.add_argument("--new_tokens", type=int, default=64)
   ap.add_argument("--malloc", choices=malloc.CHOICES, default=None,
                   help=f"host allocator for both sides (default: ${malloc.ENV} or auto)")
-  ap.add_argument("--layer_loop", default="auto",
-                  help="ours: model.layer_loop (auto | scan | unroll; auto unrolls on CPU)")
+  ap.add_argument("--layer_loop", choices=LAYER_LOOPS, default="auto",
+                  help="ours: model.layer_loop (auto unrolls on CPU)")
   args = ap.parse_args()
   malloc.reexec(args.malloc)  # as the command line does; both sides run in this process
 

@@ -48,6 +48,7 @@ import numpy as np
 from semsafe_jax import malloc
 from semsafe_jax.adapters import lora as lora_lib
 from semsafe_jax.models import transformer
+from semsafe_jax.models.config import LAYER_LOOPS
 from semsafe_jax.models.loading import load_config, load_pretrained
 from semsafe_jax.models.registry import embedded_gguf_path
 from semsafe_jax.train import step as step_lib
@@ -197,8 +198,8 @@ def main():
   ap.add_argument("--seq", type=int, default=128)
   ap.add_argument("--target_tokens", type=int, default=32)
   ap.add_argument("--remat", default="off", help="ours: model.remat (off | full | dots)")
-  ap.add_argument("--layer_loop", default="auto",
-                  help="ours: model.layer_loop (auto | scan | unroll; auto unrolls on CPU)")
+  ap.add_argument("--layer_loop", choices=LAYER_LOOPS, default="auto",
+                  help="ours: model.layer_loop (auto unrolls on CPU)")
   ap.add_argument("--malloc", choices=malloc.CHOICES, default=None,
                   help=f"host allocator for both contenders (default: ${malloc.ENV} or auto)")
   ap.add_argument("--skip_torch", action="store_true")

@@ -87,7 +87,7 @@ def _decode(params: Params, embed_fn: jax.tree_util.Partial, ids_BxP: jax.Array,
   cache = transformer.init_cache(cfg, B, P + N)
   if transformer.unrolls_layers(cfg):  # per-layer arrays: sliced once, not once per token
     params = transformer.unstack_layers(params, cfg.num_layers)
-    cache = {name: [c[i] for i in range(cfg.num_layers)] for name, c in cache.items()}
+    cache = transformer.unstack_cache(cache, cfg.num_layers)
   out = transformer.forward(params, cfg, inputs_embeds_BxTxD=embed_fn(params, cfg, ids_BxP),
                             attention_mask_BxS=mask_BxS, cache=cache, cache_index=0,
                             compute_logits=False)

@@ -333,6 +333,11 @@ def unstack_layers(params: Params, num_layers: int) -> Params:
                                for i in range(num_layers)]}
 
 
+def unstack_cache(cache: dict[str, jax.Array], num_layers: int) -> dict[str, list[jax.Array]]:
+  """A stacked cache {"k","v": [L, B, S, K, H]} as per-layer lists (see `forward`)."""
+  return {name: [c[i] for i in range(num_layers)] for name, c in cache.items()}
+
+
 def forward(params: Params, cfg: ModelConfig, input_ids_BxT: jax.Array | None = None, *,
             inputs_embeds_BxTxD: jax.Array | None = None,
             attention_mask_BxS: jax.Array | None = None,
@@ -364,7 +369,7 @@ def forward(params: Params, cfg: ModelConfig, input_ids_BxT: jax.Array | None = 
   if not isinstance(params["layers"], (list, tuple)) and unrolls_layers(cfg):
     params = unstack_layers(params, cfg.num_layers)
     if cache is not None:
-      cache = {k: [c[i] for i in range(cfg.num_layers)] for k, c in cache.items()}
+      cache = unstack_cache(cache, cfg.num_layers)
       restack_cache = True
   unstacked = isinstance(params["layers"], (list, tuple))
   S = T if cache is None else cache["k"][0].shape[1] if unstacked else cache["k"].shape[2]
