@@ -31,7 +31,8 @@ _ACTIVE = "SEMSAFE_MALLOC_ACTIVE"  # set by reexec() in the child; also stops a 
 _SYSTEM_LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 
 
-def _tcmalloc() -> dict[str, str] | None:
+def _tcmalloc(environ) -> dict[str, str] | None:
+  del environ  # system libraries only
   for name in ("tcmalloc_minimal", "tcmalloc"):
     soname = ctypes.util.find_library(name)  # e.g. "libtcmalloc_minimal.so.4"
     if not soname:
@@ -42,7 +43,7 @@ def _tcmalloc() -> dict[str, str] | None:
   return None
 
 
-def _tbbmalloc() -> dict[str, str] | None:
+def _tbbmalloc(environ) -> dict[str, str] | None:
   try:
     files = importlib.metadata.files("tbb") or []
   except importlib.metadata.PackageNotFoundError:
@@ -53,13 +54,12 @@ def _tbbmalloc() -> dict[str, str] | None:
   path = pathlib.Path(proxy.locate()).resolve()
   if not path.exists():
     return None
-  lib_path = os.pathsep.join(p for p in (str(path.parent), os.environ.get("LD_LIBRARY_PATH"))
-                             if p)
+  lib_path = os.pathsep.join(p for p in (str(path.parent), environ.get("LD_LIBRARY_PATH")) if p)
   # tbbmalloc hands freed large objects back to the OS unless they count as "huge",
   # which is exactly the churn we are avoiding; 1 MiB covers every XLA temporary
   # that matters while leaving small-object handling as it is. A value the user
   # set wins.
-  threshold = os.environ.get("TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD", str(1 << 20))
+  threshold = environ.get("TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD", str(1 << 20))
   return {"LD_PRELOAD": str(path), "LD_LIBRARY_PATH": lib_path,
           "TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD": threshold}
 
@@ -79,7 +79,7 @@ def plan(environ: dict[str, str] | None = None) -> tuple[str, dict[str, str]] | 
     return None
   names = ("tcmalloc", "tbbmalloc") if choice == "auto" else (choice,)
   for name in names:
-    env = _FINDERS[name]()
+    env = _FINDERS[name](environ)
     if env is not None:
       return name, env
   if choice != "auto":

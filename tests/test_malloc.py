@@ -75,6 +75,9 @@ def test_tbbmalloc_from_the_wheel():
   assert name == "tbbmalloc"
   assert pathlib.Path(env["LD_PRELOAD"]).is_file()
   assert int(env["TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD"]) > 0
+  # The environment plan() is given is the one read: a threshold set there wins.
+  _, env = malloc.plan({malloc.ENV: "tbbmalloc", "TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD": "8388608"})
+  assert env["TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD"] == "8388608"
 
 
 @pytest.mark.skipif(not _HAS_TBB_WHEEL, reason="the tbb wheel is a Linux x86_64 dependency")
