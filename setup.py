@@ -13,7 +13,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["semsafe_jax", "semsafe_jax.*"]),
-    package_data={"semsafe_jax": ["data/builtin/*.jsonl", "data/builtin/*.md"]},
+    package_data={"semsafe_jax": ["data/builtin/*.jsonl", "data/builtin/*.md",
+                                  "data/builtin/*.py", "eval/*.jsonl", "eval/*.txt",
+                                  "eval/*.md"]},
     install_requires=[
         "jax>=0.8",
         "flax>=0.12",

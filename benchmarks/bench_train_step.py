@@ -82,7 +82,7 @@ def useful_flops(cfg, B: int, T: int, loss_tokens: int) -> float:
 
 
 class Ours:
-  """Our TrainStep on a LoRA CE loss (LoRA unmerged, as in losses/total.py)."""
+  """Our TrainStep on a LoRA CE loss (LoRA unmerged, as the methods train it)."""
 
   def __init__(self, cfg, params, ids, loss_tokens: int, lr: float):
     T = ids.shape[1]

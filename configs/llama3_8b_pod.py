@@ -3,20 +3,11 @@
   bash launch/tpu_pod.sh   # runs semsafe_jax.main with this config on every worker
 """
 
-import importlib.util
-import pathlib
-
-
-def _default():
-  path = pathlib.Path(__file__).with_name("default.py")
-  spec = importlib.util.spec_from_file_location("semsafe_default_config", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+from semsafe_jax.configs import load_sibling
 
 
 def get_config():
-  c = _default()
+  c = load_sibling(__file__, "default.py")
   c.multihost = True  # jax.distributed.initialize() on every host
   c.model.name_or_path = "meta-llama/Llama-3.1-8B-Instruct"
   c.model.dtype = "bfloat16"

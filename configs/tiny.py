@@ -6,24 +6,16 @@ checkpoints, before/after evaluation, report), on a 10% slice of the built-in da
 per stage. Most of what is left is fixed cost: imports, SBERT, XLA compiles.
 """
 
-import importlib.util
-import os
-
-
-def _default():
-  spec = importlib.util.spec_from_file_location(
-      "semsafe_default_config", os.path.join(os.path.dirname(__file__), "default.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+from semsafe_jax.configs import load_sibling
 
 
 def get_config():
-  c = _default()
+  c = load_sibling(__file__, "default.py")
   c.model.name_or_path = "tiny-random"
   # ~170 prompts (harmful, benign and borderline; 23 harmful intents) instead of 1606:
   # SBERT encoding was most of the run.
   c.data.sources = ("builtin?frac=0.1",)
+  c.data.unlabeled_sources = ("builtin:unlabeled?frac=0.1",)
   c.data.harmful_per_step = 4
   c.data.benign_per_step = 2
   c.data.pairs_per_step = 4
@@ -40,6 +32,19 @@ def get_config():
   # Same length and batch rows as the before-evaluation: base answers reuse its compile.
   c.eval.base_answer_tokens = 4
   c.eval.batch_size = 16
+  # Every evaluation runs, on a handful of prompts each.
+  c.evals.attacks.max_prompts = 2
+  c.evals.attacks.attacks = ("roleplay", "past_tense")
+  c.evals.prefill.max_prompts = 2
+  c.evals.prefill.k = (2,)
+  c.evals.capability.max_prompts = 4
+  c.evals.capability.answer_tokens = 4
+  c.evals.capability.agree_tokens = 4
+  c.evals.capability.prompt_set_tokens = 4
+  c.evals.consistency.max_groups = 2
+  c.judge.classifier_prompts = 16
+  c.data.unlabeled_per_step = 4
+  c.data.contrast_per_step = 4
   # XLA at -O0 (jax_disable_most_optimizations, applied by semsafe_jax.main): compiles
   # dominate a tiny run, and the code they would speed up runs for a second or two.
   c.fast_compile = True

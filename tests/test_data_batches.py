@@ -1,9 +1,9 @@
-"""PairBatcher: static shapes, valid shard-local pairs, batches a pure function of (seed, step)."""
+"""PairBatcher: static shapes, valid pairs over the global batch, a function of (seed, step)."""
 
 import numpy as np
 import pytest
 
-from semsafe_jax.data import neighbors
+from semsafe_jax.data import batches, neighbors
 from semsafe_jax.data.batches import PairBatcher
 from semsafe_jax.data.schema import DataError
 
@@ -79,27 +79,51 @@ def test_same_batch_after_resume(data):
   assert not np.array_equal(other_seed.harmful_idx, expected[0].harmful_idx)
 
 
-@pytest.mark.parametrize("shards", [1, 2, 4])
-def test_pairs_never_cross_shards(data, shards):
-  batcher = make(data, num_shards=shards)
-  shard_size, pairs_per_shard = 16 // shards, 24 // shards
+@pytest.mark.parametrize("shards", [2, 4, 8])
+def test_batches_do_not_depend_on_num_shards(data, shards):
+  """The device count only checks divisibility: pairs span the whole global batch."""
+  one, many = make(data), make(data, num_shards=shards)
+  crossing = 0
   for step in range(30):
-    b = batcher.batch(step)
-    shard_of_pair = np.arange(24) // pairs_per_shard
-    # Padding included: every pair row points into its own shard's block.
-    assert (b.pair_index // shard_size == shard_of_pair[:, None]).all()
-    assert ((b.pair_index_local >= 0) & (b.pair_index_local < shard_size)).all()
+    a, b = one.batch(step), many.batch(step)
+    for field in ("harmful_idx", "benign_idx", "pair_index", "pair_weight", "pair_valid"):
+      np.testing.assert_array_equal(getattr(b, field), getattr(a, field), err_msg=field)
+    assert ((b.pair_index >= 0) & (b.pair_index < 16)).all()
+    block = b.pair_index[b.pair_valid] // (16 // shards)  # the device holding each member
+    crossing += int((block[:, 0] != block[:, 1]).sum())
+  if shards == 8:  # 2 prompts per device, groups of up to 4: pairs must cross devices
+    assert crossing > 0
+
+
+def test_pairs_with_one_prompt_per_device(data):
+  """8 harmful prompts over 8 devices: every pair crosses devices and none is lost."""
+  batcher = make(data, harmful_per_step=8, benign_per_step=8, pairs_per_step=8, num_shards=8)
+  stats = batcher.pair_stats(50)
+  assert stats["pairs_valid_mean"] > 2 and stats["pairs_per_step"] == 8
+  ref = make(data, harmful_per_step=8, benign_per_step=8, pairs_per_step=8).pair_stats(50)
+  assert stats == ref
 
 
 @pytest.mark.parametrize("kw, match", [
     (dict(harmful_per_step=18, num_shards=4), "harmful_per_step=18 must be a non-negative"),
-    (dict(pairs_per_step=10, num_shards=4), "pairs_per_step=10 must be a non-negative multiple"),
     (dict(benign_per_step=6, num_shards=4), "benign_per_step=6"),
+    (dict(harmful_per_step=4, num_shards=8), "harmful_per_step=4 must be a non-negative"),
+    (dict(pairs_per_step=-1), "pairs_per_step=-1 must be >= 0"),
     (dict(num_shards=0), "num_shards=0"),
 ])
 def test_divisibility_errors(data, kw, match):
   with pytest.raises(DataError, match=match):
     make(data, **kw)
+  # The pair count is free: pair arrays are index data, not a block of prompts to split.
+  assert make(data, pairs_per_step=10, num_shards=4).batch(0).pair_index.shape == (10, 2)
+
+
+def test_few_pairs_message_names_the_fields():
+  msg = batches.few_pairs_message(0.4, "the first 50 batches")
+  assert "0.40 valid pairs" in msg and "the first 50 batches" in msg
+  for field in batches.PAIR_FIELDS:
+    assert f"config.{field}" in msg
+  assert batches.few_pairs_message(1.0) is None and batches.few_pairs_message(None) is None
 
 
 def test_no_pairs_still_gives_static_batches():

@@ -3,6 +3,7 @@
 import json
 import logging
 import pathlib
+import subprocess
 import sys
 import types
 
@@ -38,7 +39,8 @@ def test_parse_source_kinds_and_options():
 @pytest.mark.parametrize("spec, match", [
     ("parquet:x.parquet", "kind must be one of"),
     ("csv:", "expected csv:PATH"),
-    ("builtin:foo", "takes no path"),
+    ("builtin:foo", "takes no path .only a part: builtin:prompts, builtin:lookalikes, builtin"),
+    ("builtin:unlabeled?label=benign", "no option but frac"),
     ("csv:x.csv?colour=red", "unknown option"),
     ("xstest:x.csv?source=mine", "always source 'xstest'"),
 ])
@@ -94,10 +96,11 @@ def test_load_sources_concatenates_and_logs_counts(caplog):
 
 @needs_builtin
 def test_builtin_prompts_and_refusals():
-  prompts = builtin.load_builtin_prompts()
+  prompts = loaders.load_builtin("prompts").prompts
   assert len(prompts) > 500
   assert {p.label for p in prompts} <= set(LABELS)
   assert {p.source for p in prompts} == {"builtin"}
+  assert not any(p.topic for p in prompts)
   harmful = [p for p in prompts if p.label == "harmful"]
   phrasings = {}
   for p in harmful:
@@ -105,7 +108,64 @@ def test_builtin_prompts_and_refusals():
   assert sum(len(v) >= 2 for v in phrasings.values()) > 0.9 * len(phrasings)
   refusals = builtin.load_refusals()
   assert len(refusals) >= 10 and all(r.text for r in refusals)
-  assert loaders.load_source("builtin").prompts == prompts
+  assert loaders.load_source("builtin:prompts").prompts == prompts
+
+
+@needs_builtin
+def test_builtin_is_prompts_plus_lookalikes():
+  prompts = loaders.load_builtin("prompts").prompts
+  look = loaders.load_source("builtin:lookalikes").prompts
+  both = loaders.load_source("builtin")
+  assert both.prompts == prompts + look
+  assert both.summary["kept"] == len(prompts) + len(look) and both.summary["skipped"] == 0
+  harmful_intents = {p.intent_id for p in prompts if p.label == "harmful"}
+  assert look and all(p.label == "benign" and p.topic in harmful_intents for p in look)
+  assert all(p.intent_id == p.id and p.source == "builtin" for p in look)
+  # ?frac= keeps a look-alike with the harmful intent whose topic it shares.
+  part = loaders.load_source("builtin?frac=0.3").prompts
+  kept_intents = {p.intent_id for p in part if p.label == "harmful"}
+  kept_topics = {p.topic for p in part if p.topic}
+  assert kept_topics == kept_intents
+  assert sum(p.topic in kept_intents for p in look) == sum(bool(p.topic) for p in part)
+
+
+@needs_builtin
+def test_builtin_unlabeled_pool_and_its_hidden_labels():
+  result = loaders.load_source("builtin:unlabeled")
+  pool = result.prompts
+  assert 2000 <= len(pool) and result.summary["skipped"] == 0
+  assert {p.label for p in pool} == {"unlabeled"} and {p.source for p in pool} == {"builtin"}
+  assert not any(p.category or p.style or p.topic for p in pool)  # nothing hints at labels
+  hidden = builtin.load_unlabeled_labels()
+  assert list(hidden) == [p.id for p in pool]
+  assert {h["label"] for h in hidden.values()} == {"harmful", "benign", "borderline"}
+  labelled = {p.id: p for p in loaders.load_builtin().prompts}
+  for p in pool[:200]:
+    assert labelled[hidden[p.id]["source_id"]].label == hidden[p.id]["label"]
+  # The pool goes next to the labelled data as one more source; it may say it is unlabeled.
+  prompts, _ = loaders.load_sources(["builtin", "builtin:unlabeled?label=unlabeled"])
+  assert len(prompts) == len(labelled) + len(pool)
+
+
+def test_builtin_does_not_import_loaders():
+  code = ("import sys, semsafe_jax.data.builtin;"
+          "sys.exit('semsafe_jax.data.loaders' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_topic_column_marks_lookalikes_in_generic_files(tmp_path):
+  rows = [{"id": "a", "text": "How do I spot a phishing email?", "label": "benign",
+           "topic": "phishing"},
+          {"id": "b", "text": "Write a phishing email.", "label": "harmful",
+           "intent_id": "phishing"}]
+  path = write(tmp_path, "mine.jsonl", "\n".join(json.dumps(r) for r in rows))
+  a, b = loaders.load_source(f"jsonl:{path}").prompts
+  assert (a.topic, b.topic, b.intent_id) == ("phishing", "", "phishing")
+  csv_path = write(tmp_path, "mine.csv", "prompt,kind,about\nHow do I lock my bike?,benign,bikes\n")
+  (c,) = loaders.load_source(f"csv:{csv_path}?text_col=prompt&label_col=kind&topic_col=about"
+                             ).prompts
+  assert (c.label, c.topic) == ("benign", "bikes")
 
 
 # ----------------------------------------------------------------------------- other formats

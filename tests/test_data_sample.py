@@ -4,9 +4,10 @@ import collections
 import importlib.util
 import pathlib
 
+import numpy as np
 import pytest
 
-from semsafe_jax.data import builtin, loaders
+from semsafe_jax.data import builtin, loaders, pipeline
 from semsafe_jax.data.schema import DataError, Prompt
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -14,11 +15,15 @@ needs_builtin = pytest.mark.skipif(not builtin.builtin_available(),
                                    reason="semsafe_jax/data/builtin/prompts.jsonl not written yet")
 
 
-def tiny_sources():
+def tiny_config():
   spec = importlib.util.spec_from_file_location("tiny_config", REPO / "configs" / "tiny.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return list(module.get_config().data.sources)
+  return module.get_config()
+
+
+def tiny_sources():
+  return list(tiny_config().data.sources)
 
 
 def by_intent(prompts):
@@ -112,3 +117,21 @@ def test_tiny_config_slice_has_every_label_and_paraphrased_intents():
   assert len(phrasings) >= 10 and sum(n >= 3 for n in phrasings) >= 10
   assert labels["benign"] >= 10 and labels["borderline"] >= 6
   assert len(prompts) < 400  # the point: SBERT encodes a few hundred texts, not 1932
+
+
+@needs_builtin
+def test_tiny_slice_pairs_do_not_depend_on_the_device_count(tmp_path):
+  """8 harmful prompts per step on the tiny slice: the same pairs over 1, 2, 4 or 8 batch
+  shards (shard-local pairs averaged 5.1 / 4.0 / 2.2 / 0.0 valid pairs per step)."""
+  config = tiny_config()
+  config.data.harmful_per_step = config.data.benign_per_step = config.data.pairs_per_step = 8
+  data = pipeline.prepare_data(config, tmp_path)
+  ref = [pipeline.make_batcher(data, config).batch(s) for s in range(50)]
+  assert np.mean([b.pair_valid.sum() for b in ref]) > 4
+  for shards in (2, 4, 8):
+    batcher = pipeline.make_batcher(data, config, num_shards=shards)
+    for s, want in enumerate(ref):
+      got = batcher.batch(s)
+      np.testing.assert_array_equal(got.harmful_idx, want.harmful_idx)
+      np.testing.assert_array_equal(got.pair_index, want.pair_index)
+      np.testing.assert_array_equal(got.pair_valid, want.pair_valid)

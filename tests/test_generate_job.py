@@ -127,3 +127,49 @@ def test_trained_adapters_are_applied(tmp_path, monkeypatch):
 
 def test_missing_checkpoint_falls_back_to_base(tmp_path):
   assert job.load_trained_adapters(str(tmp_path)) is None
+
+
+def test_non_utf8_prompts_file_names_the_file(tmp_path):
+  from semsafe_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  f = tmp_path / "latin1.txt"
+  f.write_bytes("Wie schön ist das?\n".encode("latin-1"))
+  with pytest.raises(ValueError, match=r"latin1.txt.*not UTF-8.*0xf6") as info:
+    job.read_prompts_file(str(f))
+  assert isinstance(info.value, UserError) and "\n" not in str(info.value)
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_step(tmp_path, caplog):
+  import logging  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from semsafe_jax import adapters as adapters_lib  # pylint: disable=g-import-not-at-top
+  from semsafe_jax.models.config import from_hf_dict  # pylint: disable=g-import-not-at-top
+  from semsafe_jax.models.registry import tiny_hf_config  # pylint: disable=g-import-not-at-top
+  from semsafe_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  from semsafe_jax.train.step import TrainState  # pylint: disable=g-import-not-at-top
+
+  config = default_config()
+  workdir = str(tmp_path / "run")
+  cfg = from_hf_dict(tiny_hf_config("llama", 512))
+  checkpoint.prepare_workdir(workdir, config)
+  ckpt = checkpoint.Checkpointer(workdir, every=1, keep=5, async_save=False)
+  saved = {}
+  for step in (2, 4):
+    ad = adapters_lib.init_adapters(config.adapters, cfg, None, jax.random.key(step))
+    saved[step] = ad
+    state = TrainState(trainable=ad, opt_state=optax.adam(1e-3).init(ad), step=np.int32(step),
+                       rng=np.zeros((2,), np.uint32), bad_total=np.int32(0),
+                       bad_consecutive=np.int32(0))
+    ckpt.save(step, state, {"next_step": step}, force=True)
+  ckpt.close()
+  item = os.path.join(workdir, "checkpoints", "4", "trainable")
+  for folder, _, files in os.walk(item):
+    if os.path.basename(folder) == "d":
+      for name in files:
+        os.remove(os.path.join(folder, name))
+  with caplog.at_level(logging.WARNING):
+    adapters, _ = job.load_trained_adapters(workdir)
+  assert any("step 4 " in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
+  got = jax.tree.leaves(adapters["lora"])
+  want = jax.tree.leaves(saved[2]["lora"])
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, np.asarray(b))

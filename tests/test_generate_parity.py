@@ -5,7 +5,6 @@ transformers: `model.generate(do_sample=False)` per prompt, unpadded, with
 the model transformers itself loads from the same GGUF file, in float32.
 """
 
-import numpy as np
 import pytest
 import torch
 import transformers

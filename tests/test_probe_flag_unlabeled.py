@@ -11,7 +11,9 @@ import pytest
 
 from semsafe_jax.data import loaders, neighbors, pipeline, splits
 from semsafe_jax.data.schema import LABELS, DataError, Prompt
+from semsafe_jax import validate
 from semsafe_jax.jobs import train as train_job
+from semsafe_jax.methods import context as context_lib
 from semsafe_jax.probes import safety as probe_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -207,14 +209,14 @@ def test_flag_unlabeled_rows_keeps_those_at_or_over_the_threshold():
   prompts = [Prompt(id=f"p{i}", text=f"t{i}", label="unlabeled") for i in range(6)]
   rows = np.array([1, 3, 4, 5])
   prob = np.array([0.9, 0.5, 0.49, 0.7], np.float32)
-  got, weight, record = train_job.flag_unlabeled_rows(prompts, rows, prob, 0.5)
+  got, weight, record = context_lib.flag_unlabeled_rows(prompts, rows, prob, 0.5)
   np.testing.assert_array_equal(got, [1, 3, 5])
   np.testing.assert_allclose(weight, [0.9, 0.5, 0.7], rtol=1e-6)
   assert weight.dtype == np.float32
   assert record["num_unlabeled"] == 4 and record["num_flagged"] == 3
   assert [r["id"] for r in record["flagged"]] == ["p1", "p3", "p5"]
   assert record["flagged"][0]["unsafe_prob"] == pytest.approx(0.9)
-  got, weight, record = train_job.flag_unlabeled_rows(prompts, rows, prob, 0.95)
+  got, weight, record = context_lib.flag_unlabeled_rows(prompts, rows, prob, 0.95)
   assert got.size == weight.size == record["num_flagged"] == 0
 
 
@@ -223,6 +225,13 @@ def stage_config(use="flag_unlabeled", threshold=0.5):
   c.probe.use = use
   c.probe.threshold = threshold
   return c
+
+
+def flag_stage(config, workdir, data, probe):
+  """Context.flagged with a given probe (no model: the probe's scores are faked)."""
+  ctx = context_lib.Context(config, str(workdir), data, None, None, None, None)
+  ctx.__dict__["probe"] = probe  # the cached stage, as if trained
+  return ctx.flagged
 
 
 def test_flag_stage_scores_train_unlabeled_and_writes_the_flagged(tmp_path, monkeypatch, caplog):
@@ -244,8 +253,7 @@ def test_flag_stage_scores_train_unlabeled_and_writes_the_flagged(tmp_path, monk
   monkeypatch.setattr(probe_lib, "score_prompts", fake_score)
   probe = {"probe": {"layer": np.int32(2)}, "best_layer": 2}
   caplog.set_level(logging.INFO)
-  flagged, weight = train_job._flag_unlabeled_stage(stage_config(), str(tmp_path), data, None,
-                                                    None, None, probe)
+  flagged, weight = flag_stage(stage_config(), tmp_path, data, probe)
   assert seen["texts"] == data.texts(rows) and seen["layer"] == 2
   np.testing.assert_array_equal(flagged, rows[3:])
   np.testing.assert_allclose(weight, [0.6, 0.8, 1.0], rtol=1e-6)
@@ -256,13 +264,11 @@ def test_flag_stage_scores_train_unlabeled_and_writes_the_flagged(tmp_path, monk
 
   # Other uses, and no unlabeled prompts at all: nothing added (the latter with a warning).
   for use in ("off", "weight_pairs"):
-    flagged, _ = train_job._flag_unlabeled_stage(stage_config(use), str(tmp_path), data, None,
-                                                 None, None, probe)
+    flagged, _ = flag_stage(stage_config(use), tmp_path, data, probe)
     assert flagged.size == 0
   labelled = prepared(prompts, emb, tmp_path)
   caplog.clear()
-  flagged, weight = train_job._flag_unlabeled_stage(stage_config(), str(tmp_path), labelled,
-                                                    None, None, None, probe)
+  flagged, weight = flag_stage(stage_config(), tmp_path, labelled, probe)
   assert flagged.size == weight.size == 0
   assert "no unlabeled prompts" in caplog.text and "probe.use='off'" in caplog.text
 
@@ -270,17 +276,16 @@ def test_flag_stage_scores_train_unlabeled_and_writes_the_flagged(tmp_path, monk
 def test_flag_unlabeled_needs_probe_train_and_fails_before_any_work(tmp_path):
   config = stage_config()
   config.probe.train = False
-  with pytest.raises(ValueError, match="flag_unlabeled.*probe.train=True"):
-    train_job.check_probe_use(config.probe)
+  with pytest.raises(ValueError, match="probe.train"):
+    validate.validate(config)
   workdir = tmp_path / "run"
-  with pytest.raises(ValueError, match="probe.train=True"):
+  with pytest.raises(ValueError, match="probe.train"):
     train_job.run(config, str(workdir))
   assert not workdir.exists()  # refused before the data or model stages
   config.probe.train = True
-  train_job.check_probe_use(config.probe)
-  for use in ("off", "", "weight_pairs"):
+  for use in ("off", "weight_pairs", "flag_unlabeled"):
     config.probe.use = use
-    train_job.check_probe_use(config.probe)
+    validate.validate(config)
   config.probe.use = "sometimes"
-  with pytest.raises(ValueError, match="expected one of off, weight_pairs, flag_unlabeled"):
-    train_job.check_probe_use(config.probe)
+  with pytest.raises(ValueError, match="probe.use"):
+    validate.validate(config)

@@ -1,8 +1,8 @@
-"""Checkpoints: resume after SIGKILL / SIGTERM, config guard, non-finite halt."""
+"""Checkpoints: resume after SIGKILL / SIGTERM / Ctrl-C, config guard, non-finite halt, a
+damaged latest step."""
 
 import json
 import logging
-import os
 import pathlib
 import shutil
 import signal
@@ -127,3 +127,55 @@ def test_consecutive_nonfinite_steps_halt_with_checkpoint_intact(tmp_path):
   assert max(_finished_steps(workdir)) == 4  # nothing saved after the halting step
   loaded = ckpt_lib.load_latest_adapters(workdir)
   assert loaded is not None and np.all(np.isfinite(toy.flat(loaded[0])))
+
+
+def test_ctrl_c_saves_then_resume_matches(tmp_path):
+  workdir = tmp_path / "w"
+  code, out = _interrupted_run(workdir, signal.SIGINT, min_step=1)
+  assert code != 0 and "Preempted: saved step" in out, out
+  assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+  saved = int(out.split("Preempted: saved step ")[1].split()[0])
+  assert saved == max(_finished_steps(workdir)) and saved < N
+  _resume_and_compare(workdir)
+
+
+def _damage(workdir: pathlib.Path, step: int, item: str = "trainable") -> None:
+  """Deletes the array data files of one item of a step, as a lost file would."""
+  files = [p for p in (workdir / ckpt_lib.CHECKPOINT_DIR / str(step) / item).rglob("*")
+           if p.is_file() and p.parent.name == "d"]
+  assert files
+  for p in files:
+    p.unlink()
+
+
+@pytest.mark.parametrize("item", ["trainable", "train_state"])
+def test_damaged_latest_checkpoint_resumes_from_the_previous_step(tmp_path, caplog, item):
+  workdir = tmp_path / "w"
+  shutil.copytree(toy.straight_run()["workdir"], workdir)
+  _damage(workdir, N, item)
+  with caplog.at_level(logging.WARNING):
+    params, history = toy.run(str(workdir), toy.toy_config(N))
+  warned = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+  assert warned and f"step {N} " in warned[0] and f"{N}.damaged" in warned[0], warned
+  assert [h["step"] for h in history] == [N - 1, N]  # resumed at N - 2 (every=2)
+  np.testing.assert_allclose(toy.flat(params), toy.straight_run()["params"], atol=1e-6, rtol=0)
+  # The damaged step is kept aside for the user, the new step N is saved in its place.
+  assert (workdir / ckpt_lib.CHECKPOINT_DIR / f"{N}.damaged").is_dir()
+  assert max(_finished_steps(workdir)) == N
+  assert ckpt_lib.load_adapters(workdir, fallback=False).step == N
+
+
+def test_load_adapters_skips_a_damaged_step_with_a_warning(tmp_path, caplog):
+  workdir = tmp_path / "w"
+  shutil.copytree(toy.straight_run()["workdir"], workdir)
+  _damage(workdir, N)
+  with caplog.at_level(logging.WARNING):
+    got = ckpt_lib.load_adapters(workdir)
+  assert got.step == N - 2
+  assert any(f"step {N} " in r.getMessage() and "damaged" in r.getMessage()
+             for r in caplog.records)
+  with pytest.raises(ckpt_lib.DamagedCheckpointError, match=f"step {N} .*damaged"):
+    ckpt_lib.load_adapters(workdir, fallback=False)
+  with pytest.raises(ckpt_lib.DamagedCheckpointError):
+    ckpt_lib.load_adapters(workdir, step=N)
+  assert ckpt_lib.available_steps(workdir) == [N - 2, N]

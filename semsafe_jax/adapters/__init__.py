@@ -1,9 +1,11 @@
 """Trainable adapters as pure transforms of the base params.
 
 adapters = {"lora": {...mirrors targeted kernel paths: {"a", "b"}...},
-            "embed_mlp": {"w1", "b1", "ln_scale", "ln_bias", "w2", "b2"}}  # absent if disabled
+            "embed_mlp": {"w1", "b1", "ln_scale", "ln_bias", "w2", "b2"},  # absent if disabled
+            "full": {...every model weight...}}  # only for full fine-tuning
 
-Only this pytree is trained; the base params never reach the optimizer.
+Only this pytree is trained; the base params never reach the optimizer. With "full", the
+trained weights replace the base model's, and LoRA / the MLP (if any) apply on top.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 from semsafe_jax.adapters.embed_mlp import EmbedFn, apply_embed_mlp, embed_fn_for, init_embed_mlp
 from semsafe_jax.adapters.lora import (DEFAULT_TARGETS, SHORT_TARGETS, adaptable_kernels,
                                        apply_lora, init_lora, lora_modules, resolve_targets)
+from semsafe_jax.configs import cfg_get
 from semsafe_jax.models import transformer
 from semsafe_jax.models.config import ModelConfig
 
@@ -23,22 +26,15 @@ Params = dict[str, Any]
 
 __all__ = [
     "DEFAULT_TARGETS", "SHORT_TARGETS", "adaptable_kernels", "adapted_embed_fn", "adapted_forward",
-    "apply_adapters", "apply_embed_mlp", "apply_lora", "count_params", "init_adapters",
-    "init_embed_mlp", "init_lora", "lora_modules", "lora_scale", "param_summary",
-    "resolve_targets",
+    "apply_adapters", "apply_embed_mlp", "apply_lora", "apply_trained", "count_params",
+    "init_adapters", "init_embed_mlp", "init_lora", "lora_modules", "lora_scale",
+    "param_summary", "resolve_targets",
 ]
 
 
-def _get(cfg: Any, name: str, default: Any = None) -> Any:
-  """Reads a field from a ConfigDict, a dict or a dataclass alike."""
-  if hasattr(cfg, "get"):
-    return cfg.get(name, default)
-  return getattr(cfg, name, default)
-
-
 def lora_scale(adapter_cfg: Any) -> float:
-  rank = max(int(_get(adapter_cfg, "lora_rank", 8)), 1)
-  return float(_get(adapter_cfg, "lora_alpha", 16.0)) / rank
+  rank = max(int(cfg_get(adapter_cfg, "lora_rank", 8)), 1)
+  return float(cfg_get(adapter_cfg, "lora_alpha", 16.0)) / rank
 
 
 def init_adapters(adapter_cfg: Any, model_cfg: ModelConfig, params: Params | None,
@@ -55,13 +51,13 @@ def init_adapters(adapter_cfg: Any, model_cfg: ModelConfig, params: Params | Non
       node[leaf] = jax.ShapeDtypeStruct(shape, np.float32)
   k_lora, k_mlp = jax.random.split(key)
   out: Params = {}
-  rank = int(_get(adapter_cfg, "lora_rank", 0))
-  targets = _get(adapter_cfg, "lora_targets", DEFAULT_TARGETS)
+  rank = int(cfg_get(adapter_cfg, "lora_rank", 0))
+  targets = cfg_get(adapter_cfg, "lora_targets", DEFAULT_TARGETS)
   if rank > 0 and targets:
     out["lora"] = init_lora(params, targets, rank, k_lora)
-  if _get(adapter_cfg, "embed_mlp", False):
+  if cfg_get(adapter_cfg, "embed_mlp", False):
     out["embed_mlp"] = init_embed_mlp(model_cfg.hidden_size,
-                                      int(_get(adapter_cfg, "embed_mlp_hidden", 256)), k_mlp)
+                                      int(cfg_get(adapter_cfg, "embed_mlp_hidden", 256)), k_mlp)
   return out
 
 
@@ -72,10 +68,12 @@ def apply_adapters(base_params: Params, adapters: Params, adapter_cfg: Any, *,
   merge=False leaves the factors beside the kernels (see apply_lora): the form
   to differentiate, since it never builds a kernel-sized gradient.
   """
+  if adapters.get("full") is not None:
+    base_params = adapters["full"]
   if not adapters.get("lora"):
     return base_params
   return apply_lora(base_params, adapters["lora"], lora_scale(adapter_cfg),
-                    dropout=float(_get(adapter_cfg, "lora_dropout", 0.0)), rng=rng, merge=merge)
+                    dropout=float(cfg_get(adapter_cfg, "lora_dropout", 0.0)), rng=rng, merge=merge)
 
 
 def adapted_embed_fn(adapters: Params) -> EmbedFn:
@@ -104,5 +102,17 @@ def param_summary(adapters: Params, base_params: Any) -> dict[str, float]:
   model = count_params(base_params)
   lora = count_params(adapters.get("lora", {}))
   mlp = count_params(adapters.get("embed_mlp", {}))
-  return {"lora": lora, "embed_mlp": mlp, "trainable": lora + mlp, "model": model,
-          "lora_pct": 100.0 * lora / model, "trainable_pct": 100.0 * (lora + mlp) / model}
+  full = count_params(adapters.get("full", {}))
+  trainable = lora + mlp + full
+  return {"lora": lora, "embed_mlp": mlp, "full": full, "trainable": trainable, "model": model,
+          "lora_pct": 100.0 * lora / model, "trainable_pct": 100.0 * trainable / model}
+
+
+def apply_trained(base_params: Params, trained: Params, adapter_cfg: Any
+                  ) -> tuple[Params, EmbedFn | None]:
+  """(params, embed_fn) for generation with trained adapters: LoRA merged, full weights in
+  place, and the embedding MLP as a Partial (its weights traced by the jitted decoder, not
+  baked into it); embed_fn is None without an MLP."""
+  params = apply_adapters(base_params, trained, adapter_cfg)
+  embed_fn = adapted_embed_fn(trained) if trained.get("embed_mlp") is not None else None
+  return params, embed_fn

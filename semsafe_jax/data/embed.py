@@ -82,7 +82,8 @@ def normalize(emb_NxD: np.ndarray) -> np.ndarray:
 
 
 def embed_texts(texts: Sequence[str], model: str = DEFAULT_MODEL, *, batch_size: int = 64,
-                cache_dir: str | os.PathLike[str] | None = None, device: str = "cpu") -> np.ndarray:
+                cache_dir: str | os.PathLike[str] | None = None, device: str = "cpu",
+                write_cache: bool = True) -> np.ndarray:
   """Normalised float32 embeddings emb_NxD, read from / written to `cache_dir`."""
   texts = list(texts)
   path = None
@@ -100,7 +101,7 @@ def embed_texts(texts: Sequence[str], model: str = DEFAULT_MODEL, *, batch_size:
   emb_NxD = normalize(encode(texts, model, batch_size=batch_size, device=device))
   if emb_NxD.shape[0] != len(texts):
     raise DataError(f"Encoder returned {emb_NxD.shape[0]} rows for {len(texts)} texts")
-  if path is not None:
+  if path is not None and write_cache:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
     np.save(tmp, emb_NxD)

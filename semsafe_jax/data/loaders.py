@@ -2,7 +2,11 @@
 
 A source is a spec string from `config.data.sources`:
 
-  builtin                 the package's own prompts (semsafe_jax/data/builtin/)
+  builtin                 the package's own labelled prompts (semsafe_jax/data/builtin/):
+                          prompts.jsonl and the benign look-alikes of lookalikes.jsonl
+  builtin:prompts         prompts.jsonl only (harmful, borderline, benign)
+  builtin:lookalikes      lookalikes.jsonl only
+  builtin:unlabeled       the built-in unlabelled pool (labels hidden, label "unlabeled")
   advbench:PATH           AdvBench harmful_behaviors.csv (goal, target)
   harmbench:PATH          HarmBench behaviours CSV (Behavior, BehaviorID, ...)
   xstest:PATH             XSTest prompts CSV (prompt, type, label safe|unsafe); eval-only
@@ -17,7 +21,8 @@ Any spec may end in URL-style options, e.g. "jbb:benign-behaviors.csv?label=beni
 Every source, builtin included, takes ?frac=F (0 < F <= 1): keep only the intents whose
 sha256(intent_id), read as a number in [0, 1), is below F, so about that share of the
 source. Whole intents are kept or dropped together (the heldout-intent and
-heldout-phrasing splits still work), the choice depends on nothing but the intent ids
+heldout-phrasing splits still work), a look-alike goes with its topic's intent (its
+`topic` is hashed instead), the choice depends on nothing but the intent ids
 (not load order, seeds or other sources), and a smaller F keeps a subset of a larger
 one. configs/tiny.py runs on "builtin?frac=..." to exercise the whole path on a slice.
 
@@ -26,7 +31,11 @@ Labels are harmful | benign | borderline | unlabeled. "unlabeled" (e.g.
 saying so) marks prompts of unknown harm: they go to the training-only split
 train_unlabeled, are never evaluated, and are trained on only with
 probe.use="flag_unlabeled", as harmful, when the safety probe flags them. The
-built-in data is fully labelled.
+built-in labelled data is "builtin"; "builtin:unlabeled" adds its unlabelled pool, whose
+hidden labels only evaluation code reads (`builtin.load_unlabeled_labels`).
+
+A `topic` column (generic files; "builtin" has it) marks benign look-alikes: benign or
+borderline prompts on the topic of the harmful intent it names (see splits.py).
 
 Every row problem (missing text, duplicate, bad bytes, unknown label, ...) is a
 `DataError` naming the file and row, unless on_bad_rows="warn", in which case it is
@@ -47,11 +56,13 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from absl import logging
 
-from semsafe_jax.data.schema import DataError, Prompt, RowIssues, text_key, validate_prompt
+from semsafe_jax.data import builtin
+from semsafe_jax.data.schema import (UNLABELED, DataError, Prompt, RowIssues, text_key,
+                                     validate_prompt)
 
 FILE_KINDS = ("advbench", "harmbench", "xstest", "jbb", "strongreject", "csv", "jsonl", "json")
 KINDS = ("builtin", *FILE_KINDS, "hf")
-FIELDS = ("id", "text", "label", "category", "intent_id", "style", "source")
+FIELDS = ("id", "text", "label", "category", "intent_id", "style", "source", "topic")
 DEFAULT_COLUMNS = {f: f for f in FIELDS}
 _OPTIONS = {"label", "source", "split", "config", "format", "frac",
             *(f"{f}_col" for f in FIELDS)}
@@ -86,8 +97,13 @@ def parse_source(spec: str) -> SourceSpec:
   unknown = sorted(set(options) - _OPTIONS)
   if unknown:
     raise DataError(f"Data source {spec!r}: unknown option(s) {unknown}; known: {sorted(_OPTIONS)}")
-  if kind == "builtin" and (target or set(options) - {"frac"}):
-    raise DataError(f"Data source {spec!r}: 'builtin' takes no path and no option but frac")
+  # The pool may say what it is (?label=unlabeled), as data.unlabeled_sources entries do.
+  pool_label = target == "unlabeled" and options.get("label", UNLABELED) == UNLABELED
+  if kind == "builtin" and (target not in builtin.PARTS or
+                            set(options) - {"frac", *(("label",) if pool_label else ())}):
+    parts = ", ".join(f"builtin:{p}" for p in builtin.PARTS if p)
+    raise DataError(f"Data source {spec!r}: 'builtin' takes no path (only a part: {parts}) "
+                    "and no option but frac")
   if kind != "builtin" and not target:
     raise DataError(f"Data source {spec!r}: expected {kind}:{'ID' if kind == 'hf' else 'PATH'}")
   if kind == "xstest" and "source" in options:
@@ -117,8 +133,9 @@ def intent_draw(intent_id: str) -> float:
 
 
 def sample_intents(prompts: Sequence[Prompt], frac: float) -> list[Prompt]:
-  """The prompts whose intent's `intent_draw` is below `frac`, in their order."""
-  return [p for p in prompts if intent_draw(p.intent_id or p.id) < frac]
+  """The prompts whose intent's `intent_draw` is below `frac`, in their order; a look-alike
+  is drawn by its topic, so it stays with the harmful intent it resembles."""
+  return [p for p in prompts if intent_draw(p.topic or p.intent_id or p.id) < frac]
 
 
 # ----------------------------------------------------------------------------- raw rows
@@ -315,7 +332,7 @@ def _generic(r: Mapping[str, Any], n: int, c: _Ctx) -> Prompt:
   # sources (xstest) eval-only.
   return Prompt(id=f"{c.prefix}{rid}", text=get("text"), label=label, category=get("category"),
                 intent_id=get("intent_id"), style=get("style"),
-                source=get("source") or c.options.get("source", c.kind))
+                source=get("source") or c.options.get("source", c.kind), topic=get("topic"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -393,14 +410,62 @@ def _read_file(path: pathlib.Path, kind: str, issues: RowIssues) -> _Table:
 
 
 def read_prompt_table(data: bytes, where: str, *, kind: str = "jsonl", source: str,
-                      id_prefix: str = "", on_bad_rows: str = "error") -> LoadResult:
-  """Reads our own schema (id, text, label, ...) from bytes; used for built-in data."""
+                      id_prefix: str = "", on_bad_rows: str = "error",
+                      label: str = "") -> LoadResult:
+  """Reads our own schema (id, text, label, ...) from bytes; used for built-in data.
+
+  label: given, every row gets it (e.g. "unlabeled" for a file without labels).
+  """
   issues = RowIssues(where, on_bad_rows)
   reader = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv}[kind]
-  ctx = _Ctx(kind, id_prefix, {"source": source}, dict(DEFAULT_COLUMNS), "")
+  options = {"source": source, **({"label": label} if label else {})}
+  ctx = _Ctx(kind, id_prefix, options, dict(DEFAULT_COLUMNS), "")
   prompts = _to_prompts(reader(data, issues), _FORMATS["generic"], ctx, issues)
   issues.log_summary(len(prompts))
   return LoadResult(prompts, issues.summary(len(prompts)))
+
+
+def load_builtin(part: str = "", on_bad_rows: str = "error") -> LoadResult:
+  """The built-in prompts of `part` ("" = prompts + look-alikes, "prompts", "lookalikes",
+  "unlabeled"), with source "builtin" and unique ids and texts across their files."""
+  if part not in builtin.PARTS:
+    raise DataError(f"builtin part {part!r}; expected one of {sorted(builtin.PARTS)}")
+  results = [read_prompt_table(builtin.read_package_file(name), f"builtin/{name}",
+                               source="builtin", on_bad_rows=on_bad_rows,
+                               label=UNLABELED if part == "unlabeled" else "")
+             for name in builtin.PARTS[part]]
+  if len(results) == 1:
+    return results[0]
+  where = "builtin/" + "+".join(builtin.PARTS[part])
+  prompts, issues = _unique_across([p for r in results for p in r.prompts], where, on_bad_rows)
+  skipped = sum(r.summary["skipped"] for r in results) + issues.num_skipped
+  reasons: dict[str, int] = {}
+  for summary in [r.summary for r in results] + [issues.summary(len(prompts))]:
+    for k, n in summary["skipped_by_reason"].items():
+      reasons[k] = reasons.get(k, 0) + n
+  return LoadResult(prompts, {"where": where, "kept": len(prompts), "skipped": skipped,
+                              "skipped_by_reason": reasons})
+
+
+def _unique_across(prompts: Sequence[Prompt], where: str,
+                   on_bad_rows: str) -> tuple[list[Prompt], RowIssues]:
+  """`prompts` minus repeated ids or texts (a `DataError`, or skipped in warn mode)."""
+  issues = RowIssues(where, on_bad_rows)
+  kept: list[Prompt] = []
+  seen_text: dict[str, str] = {}
+  seen_id: set[str] = set()
+  for p in prompts:
+    key = text_key(p.text)
+    if p.id in seen_id:
+      issues.bad_row(f"prompt {p.id!r}", "duplicate id (given by two sources)")
+    elif key in seen_text:
+      issues.bad_row(f"prompt {p.id!r}", f"duplicate text (same as {seen_text[key]!r})")
+    else:
+      seen_text[key] = p.id
+      seen_id.add(p.id)
+      kept.append(p)
+  issues.log_summary(len(kept))
+  return kept, issues
 
 
 def load_source(spec: str | SourceSpec, *, on_bad_rows: str = "error",
@@ -424,8 +489,7 @@ def _load_all(spec: SourceSpec, *, on_bad_rows: str, columns: Mapping[str, str] 
               default_label: str) -> LoadResult:
   """Every valid prompt of the source, before ?frac= sampling."""
   if spec.kind == "builtin":
-    from semsafe_jax.data import builtin  # pylint: disable=g-import-not-at-top; avoids a cycle.
-    return builtin.load_builtin(on_bad_rows=on_bad_rows)
+    return load_builtin(spec.target, on_bad_rows=on_bad_rows)
   default_label = default_label.strip().lower()
   if spec.kind == "hf":
     where = f"hf:{spec.target}[{spec.options.get('split', 'train')}]"
@@ -475,20 +539,6 @@ def load_sources(specs: Sequence[str], *, on_bad_rows: str = "error",
                          default_label=default_label)
     prompts.extend(result.prompts)
     summaries.append({"source": spec, **result.summary})
-  issues = RowIssues("across sources", on_bad_rows)
-  kept: list[Prompt] = []
-  seen_text: dict[str, str] = {}
-  seen_id: set[str] = set()
-  for p in prompts:
-    key = text_key(p.text)
-    if p.id in seen_id:
-      issues.bad_row(f"prompt {p.id!r}", "duplicate id (given by two sources)")
-    elif key in seen_text:
-      issues.bad_row(f"prompt {p.id!r}", f"duplicate text (same as {seen_text[key]!r})")
-    else:
-      seen_text[key] = p.id
-      seen_id.add(p.id)
-      kept.append(p)
-  issues.log_summary(len(kept))
+  kept, issues = _unique_across(prompts, "across sources", on_bad_rows)
   summaries.append(issues.summary(len(kept)))
   return kept, summaries

@@ -203,6 +203,35 @@ def search_topk_grouped(emb_NxD: np.ndarray, k: int, groups: Sequence[Any] | Non
   return TopK(ids_NxK, sims_NxK)
 
 
+def search_against(queries_QxD: np.ndarray, base_BxD: np.ndarray, k: int,
+                   opts: IndexOptions = IndexOptions()) -> TopK:
+  """Top-k inner-product neighbours of each query among the base rows (ids index `base`).
+
+  Mines an unlabelled pool against the labelled training prompts: exact up to
+  `exact_max` base vectors, HNSW above (the pool is queried once, so no IVF self-join).
+  """
+  queries_QxD = np.ascontiguousarray(queries_QxD, dtype=np.float32)
+  base_BxD = np.ascontiguousarray(base_BxD, dtype=np.float32)
+  q, n = queries_QxD.shape[0], base_BxD.shape[0]
+  if q == 0 or n == 0 or k <= 0:
+    return TopK(np.full((q, max(k, 0)), -1, np.int64), np.full((q, max(k, 0)), -np.inf, np.float32))
+  faiss = _faiss(opts)
+  d = base_BxD.shape[1]
+  if n <= opts.exact_max or opts.kind == "flat":
+    index = faiss.IndexFlatIP(d)
+  else:
+    index = faiss.IndexHNSWFlat(d, opts.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = opts.hnsw_ef_construction
+  index.add(base_BxD)
+  if hasattr(index, "hnsw"):
+    index.hnsw.efSearch = opts.hnsw_ef_search
+  kk = min(k, n)
+  sims, ids = index.search(queries_QxD, kk)
+  pad = k - kk
+  return TopK(np.pad(ids, ((0, 0), (0, pad)), constant_values=-1),
+              np.pad(sims, ((0, 0), (0, pad)), constant_values=-np.inf).astype(np.float32))
+
+
 def threshold(topk: TopK, tau: float) -> Neighbors:
   valid_NxK = (topk.ids_NxK >= 0) & (topk.sims_NxK > tau)
   return Neighbors(neighbors_NxK=np.where(valid_NxK, topk.ids_NxK, -1).astype(np.int32),

@@ -26,6 +26,9 @@ from semsafe_jax.data.batches import PairBatcher
 from semsafe_jax.data.schema import DataError, Prompt, check_trainable
 
 
+PAIR_STATS_STEPS = 50  # batches make_batcher samples to estimate pairs per step
+
+
 @dataclasses.dataclass(frozen=True)
 class PreparedData:
   prompts: list[Prompt]
@@ -61,14 +64,22 @@ def _plain(mapping: Any) -> dict[str, Any]:
   return mapping.to_dict() if hasattr(mapping, "to_dict") else dict(mapping)
 
 
-def prepare_data(config: Any, workdir: str | os.PathLike[str]) -> PreparedData:
-  """Loads config.data.sources, embeds, mines, splits; writes and returns the results."""
+def prepare_data(config: Any, workdir: str | os.PathLike[str], *, write: bool = True
+                 ) -> PreparedData:
+  """Loads config.data.sources, embeds, mines, splits; writes and returns the results.
+
+  write=False (every process but the first of a multi-host job) computes the same
+  results without writing them.
+  """
   cfg = config.data
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  if write:
+    workdir.mkdir(parents=True, exist_ok=True)
   extra_eval_only = list(cfg.get("eval_only_sources", []))
 
   sources = [cfg.sources] if isinstance(cfg.sources, str) else list(cfg.sources)
+  unlabeled = cfg.get("unlabeled_sources", ()) or ()
+  sources += [_as_unlabeled(s) for s in ([unlabeled] if isinstance(unlabeled, str) else unlabeled)]
   prompts, load_summaries = loaders.load_sources(
       sources, on_bad_rows=cfg.get("on_bad_rows", "error"),
       columns=_plain(cfg.get("columns", {})), default_label=cfg.get("default_label", ""))
@@ -77,7 +88,7 @@ def prepare_data(config: Any, workdir: str | os.PathLike[str]) -> PreparedData:
   emb_NxD = embed.embed_texts([p.text for p in prompts], cfg.sbert,
                               batch_size=cfg.get("embed_batch_size", 64),
                               cache_dir=cfg.get("cache_dir") or workdir / "cache",
-                              device=cfg.get("embed_device", "cpu"))
+                              device=cfg.get("embed_device", "cpu"), write_cache=write)
 
   nb, topk = neighbors.mine_neighbors(emb_NxD, cfg.k, cfg.tau,
                                       labels if cfg.get("same_label_only", True) else None,
@@ -91,20 +102,30 @@ def prepare_data(config: Any, workdir: str | os.PathLike[str]) -> PreparedData:
       prompts, emb_NxD, tau=cfg.tau, seed=cfg.get("split_seed", 0),
       heldout_intent_frac=cfg.heldout_intent_frac, heldout_phrasing_frac=cfg.heldout_phrasing_frac,
       eval_frac=cfg.get("eval_frac", 0.5), extra_eval_only=extra_eval_only,
-      exclude_near_eval_only=cfg.get("exclude_near_eval_only", True))
+      exclude_near_eval_only=cfg.get("exclude_near_eval_only", True),
+      lookalike_val_frac=cfg.get("lookalike_val_frac", 0.25))
 
   refusal_records = builtin.load_refusals(cfg.get("refusals", "builtin"))
 
-  write_prompts(workdir / "prompts.jsonl", prompts)
-  neighbors.save_neighbors(workdir / "pairs.npz", nb)
-  dump_json(workdir / "splits.json", splits_lib.split_ids(prompts, split_rows))
-  dump_json(workdir / "split_report.json", report)
-  neighbors.save_stats(stats, workdir / "mining_stats.json", workdir / "mining_stats.png")
+  if write:
+    write_prompts(workdir / "prompts.jsonl", prompts)
+    neighbors.save_neighbors(workdir / "pairs.npz", nb)
+    dump_json(workdir / "splits.json", splits_lib.split_ids(prompts, split_rows))
+    dump_json(workdir / "split_report.json", report)
+    neighbors.save_stats(stats, workdir / "mining_stats.json", workdir / "mining_stats.png")
   logging.info("Data prepared in %s: %d prompts, %d train harmful, %d mined pairs", workdir,
                len(prompts), len(split_rows["train"]), stats["total_pairs"])
   return PreparedData(prompts=prompts, emb_NxD=emb_NxD, neighbors=nb, splits=split_rows,
                       refusals=[r.text for r in refusal_records], refusal_records=refusal_records,
                       mining_stats=stats, split_report=report, workdir=workdir)
+
+
+def _as_unlabeled(spec: str) -> str:
+  """A source spec whose prompts load with no label (label=unlabeled)."""
+  if "label=" in spec:
+    raise DataError(f"data.unlabeled_sources entry {spec!r} sets a label; these sources load "
+                    "as unlabeled")
+  return spec + ("&" if "?" in spec else "?") + "label=unlabeled"
 
 
 def make_batcher(data: PreparedData, config: Any, num_shards: int = 1,
@@ -121,17 +142,28 @@ def make_batcher(data: PreparedData, config: Any, num_shards: int = 1,
     raise DataError(f"extra_harmful rows {stray[:5].tolist()} are not in "
                     f"{splits_lib.UNLABELED_SPLIT}")
   harmful = np.union1d(data.splits["train"], extra_harmful)
-  benign = np.concatenate([data.splits["train_benign"], data.splits["train_borderline"]])
+  # Look-alikes (benign requests on a harmful topic) are an over-refusal risk like
+  # borderline prompts, so they share the borderline block of each step.
+  risky = np.union1d(data.splits["train_borderline"], data.splits.get("train_lookalike", []))
+  benign = np.union1d(data.splits["train_benign"], risky)
   extra = list(cfg.get("eval_only_sources", []))
   check_trainable(data.prompts, harmful, extra)
   check_trainable(data.prompts, benign, extra)
-  return PairBatcher(harmful, benign, data.neighbors, cfg.tau,
-                     harmful_per_step=cfg.harmful_per_step, benign_per_step=cfg.benign_per_step,
-                     pairs_per_step=cfg.pairs_per_step, num_shards=num_shards,
-                     neighbors_per_anchor=cfg.get("neighbors_per_anchor", 3),
-                     pairable_anchor_frac=cfg.get("pairable_anchor_frac", 0.5), seed=config.seed,
-                     borderline_idx=data.splits["train_borderline"],
-                     borderline_share=_share(cfg.get("borderline_share", -1.0)))
+  batcher = PairBatcher(harmful, benign, data.neighbors, cfg.tau,
+                        harmful_per_step=cfg.harmful_per_step,
+                        benign_per_step=cfg.benign_per_step, pairs_per_step=cfg.pairs_per_step,
+                        num_shards=num_shards,
+                        neighbors_per_anchor=cfg.get("neighbors_per_anchor", 3),
+                        pairable_anchor_frac=cfg.get("pairable_anchor_frac", 0.5),
+                        seed=config.seed, borderline_idx=risky,
+                        borderline_share=_share(cfg.get("borderline_share", -1.0)))
+  # Data only, before any model work (methods that train on pairs warn from their metrics:
+  # train/monitor.py).
+  stats = batcher.pair_stats(PAIR_STATS_STEPS)
+  logging.info("Batches carry %.2f valid consistency pairs per step (first %d batches, %d "
+               "without any; data.pairs_per_step=%d).", stats["pairs_valid_mean"],
+               PAIR_STATS_STEPS, stats["steps_without_pairs"], stats["pairs_per_step"])
+  return batcher
 
 
 def _share(value: Any) -> float | None:

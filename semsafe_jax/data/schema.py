@@ -13,6 +13,8 @@ from typing import Any, Iterable, Sequence
 
 from absl import logging
 
+from semsafe_jax.errors import UserError
+
 # "unlabeled": prompts of unknown harm (a source's ?label=unlabeled, a label column or
 # config.data.default_label). Never evaluated; with probe.use="flag_unlabeled" the
 # safety probe picks which of them are trained on as harmful (see splits.py).
@@ -26,13 +28,18 @@ BAD_ROW_POLICIES = ("error", "warn")
 _MAX_LOGGED_ROWS = 5
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """A data file or record that cannot be used as it is."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
-  """One prompt. `intent_id` is shared by paraphrases of one harmful request."""
+  """One prompt. `intent_id` is shared by paraphrases of one harmful request.
+
+  `topic` marks a benign look-alike: a benign or borderline request on the same topic as
+  the harmful intent `topic` names (an intent_id), with a legitimate purpose. Splits hold
+  look-alikes out together with their topic's intent (see splits.py).
+  """
 
   id: str
   text: str
@@ -41,6 +48,7 @@ class Prompt:
   intent_id: str = ""  # empty -> the prompt is its own intent (see `validate_prompt`)
   style: str = ""
   source: str = ""
+  topic: str = ""  # benign look-alikes: the intent_id of the harmful intent they resemble
 
   def to_dict(self) -> dict[str, str]:
     return dataclasses.asdict(self)

@@ -3,20 +3,10 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any, Sequence
 
-
-def wilson_ci(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-  """95% Wilson score interval: sane at 0/n and n/n, unlike the normal approximation."""
-  if n == 0:
-    return (0.0, 1.0)
-  p = k / n
-  denom = 1 + z * z / n
-  centre = (p + z * z / (2 * n)) / denom
-  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-  return (max(0.0, centre - half), min(1.0, centre + half))
+from semsafe_jax.eval.stats import wilson_ci  # re-exported: report.wilson_ci
 
 
 def refusal_summary(answers: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -53,6 +43,8 @@ def write_report(workdir: str, report: dict[str, Any], answers_before: Sequence[
   lines += ["", "Harmful splits should go up; `borderline` and `benign` should stay low.", ""]
   if report.get("plots"):
     lines += [f"![{p}]({p})" for p in report["plots"]] + [""]
+  if report.get("evals"):
+    lines += evals_markdown(report["evals"])
   lines += ["## Example answers", ""]
   after_by_prompt = {(a["split"], a["prompt"]): a for a in answers_after}
   for split in report["after"]:
@@ -67,6 +59,54 @@ def write_report(workdir: str, report: dict[str, Any], answers_before: Sequence[
     lines.append("")
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write("\n".join(lines))
+
+
+def _metric_cell(name: str, m: dict[str, Any] | None) -> str:
+  if not m:
+    return "-"
+  rate = m.get("k") is not None
+  fmt = (lambda v: f"{100 * v:.1f}%") if rate else (lambda v: f"{v:.4g}")
+  ci = m.get("ci95")
+  return fmt(m["value"]) + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "")
+
+
+def evals_markdown(section: dict[str, Any], max_examples: int = 5) -> list[str]:
+  """Markdown for report["evals"] (see eval/base.run_evals): per evaluation a metric table
+  (before / after, n, judge, 95% interval: Wilson for rates, t over prompts or groups for
+  means), judge agreement with disagreements, and notes."""
+  lines = ["## Evaluations", ""]
+  for name, e in section.items():
+    models = [k for k, v in e.items() if isinstance(v, dict) and k not in (
+        "judge_agreement", "group_labels", "seconds")]
+    judges = e.get("judges") or []
+    lines += [f"### {name} (`{e.get('type', '?')}`)", ""]
+    judged = any(m.get("judge") for k in models for m in e[k].values())
+    if judges and judged:
+      lines += [f"Judges: {judges[0]} (primary)" + "".join(f", {j}" for j in judges[1:]) +
+                "; `metric@judge` is a secondary judge's.", ""]
+    metrics = list(dict.fromkeys(m for k in models for m in e[k]))
+    lines += ["| metric | n | " + " | ".join(models) + " |",
+              "|---|---|" + "---|" * len(models)]
+    for m in metrics:
+      n = next((e[k][m]["n"] for k in models if m in e[k]), "")
+      lines.append(f"| {m} | {n} | " + " | ".join(_metric_cell(m, e[k].get(m)) for k in models)
+                   + " |")
+    lines.append("")
+    for model, pairs in (e.get("judge_agreement") or {}).items():
+      for pair, a in pairs.items():
+        kappa = "undefined" if a["kappa"] is None else f"{a['kappa']:.3f}"
+        lines.append(f"- {model}, {pair.replace('|', ' vs ')}: Cohen's kappa {kappa}, "
+                     f"agreement {100 * a['agreement']:.1f}% (n={a['n']}, "
+                     f"{a['disagreements']} disagreements)")
+        for ex in a["examples"][:max_examples]:
+          verdicts = ", ".join(f"{j}: {'refused' if v else 'answered'}"
+                               for j, v in ex["judges"].items())
+          lines.append(f"  - [{ex['group']}] {_one_line(ex['prompt'], 120)} -> "
+                       f"{_one_line(ex['completion'], 160)} ({verdicts})")
+    for note in e.get("notes") or []:
+      lines.append(f"- Note: {note}")
+    lines.append("")
+  return lines
 
 
 def _one_line(text: str, limit: int = 300) -> str:

@@ -18,6 +18,7 @@ import numpy as np
 import safetensors.numpy
 
 from semsafe_jax.adapters.lora import flat_paths
+from semsafe_jax.export import staging
 from semsafe_jax.models import families
 from semsafe_jax.models.config import ModelConfig
 
@@ -89,7 +90,8 @@ def _to_np(x, transpose: bool) -> np.ndarray:
 
 def write_safetensors(out_dir: str, tensors: list[Tensor], *, dtype: str = "float32",
                       max_shard_bytes: float = 5e9, basename: str = "model") -> list[str]:
-  """Writes `basename.safetensors`, or shards plus `basename.safetensors.index.json`.
+  """Writes `basename.safetensors`, or shards plus `basename.safetensors.index.json`,
+  into `out_dir` (a fresh folder: see `staging.write_export`).
 
   Shards are planned from shapes first, then each shard is materialised and
   written on its own, so peak host memory is about one shard.
@@ -106,10 +108,6 @@ def write_safetensors(out_dir: str, tensors: list[Tensor], *, dtype: str = "floa
     shards[-1].append(t)
     size += nbytes
   n = len(shards)
-  for old in os.listdir(out_dir):  # shards of an earlier export would confuse loaders
-    stale_shard = old.startswith(f"{basename}-") and old.endswith(".safetensors")
-    if stale_shard or old in (f"{basename}.safetensors", f"{basename}.safetensors.index.json"):
-      os.remove(os.path.join(out_dir, old))
   files = ([f"{basename}.safetensors"] if n == 1 else
            [f"{basename}-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)])
   weight_map, total = {}, 0
@@ -210,7 +208,8 @@ def save_hf_model(out_dir: str, params: Params, cfg: ModelConfig, *,
   """Writes params as a transformers checkpoint directory.
 
   Args:
-    out_dir: created if missing.
+    out_dir: written afresh and renamed into place; an existing folder is replaced
+      only if an earlier export wrote it (see `staging.write_export`).
     params: our params dict; `lm_head/kernel` must be present iff the config is untied.
     cfg: the ModelConfig the params belong to.
     config_dict: the checkpoint's original config.json dict when known; the
@@ -220,8 +219,19 @@ def save_hf_model(out_dir: str, params: Params, cfg: ModelConfig, *,
     dtype: float32 | bfloat16 | float16 on disk.
     max_shard_bytes: shard size above which `model.safetensors` is split.
   Returns:
-    out_dir.
+    out_dir (absolute).
   """
+  return staging.write_export(
+      out_dir, {"format": "hf"},
+      lambda path: write_hf_model(path, params, cfg, config_dict=config_dict,
+                                  tokenizer=tokenizer, dtype=dtype,
+                                  max_shard_bytes=max_shard_bytes))
+
+
+def write_hf_model(out_dir: str, params: Params, cfg: ModelConfig, *,
+                   config_dict: dict[str, Any] | None = None, tokenizer=None,
+                   dtype: str = "float32", max_shard_bytes: float = 5e9) -> str:
+  """`save_hf_model`'s files, written straight into `out_dir` (created if missing)."""
   os.makedirs(out_dir, exist_ok=True)
   if ("lm_head" in params) == cfg.tie_word_embeddings:
     raise ValueError("params must hold lm_head/kernel exactly when the config is untied.")

@@ -18,7 +18,7 @@ import numpy as np
 
 from semsafe_jax.adapters import apply_lora, lora_modules
 from semsafe_jax.adapters.embed_mlp import embed_fn_for
-from semsafe_jax.export import hf
+from semsafe_jax.export import hf, staging
 from semsafe_jax.models.config import ModelConfig
 
 Params = dict[str, Any]
@@ -65,6 +65,8 @@ def merged_params(base_params: Params, cfg: ModelConfig, adapters: Adapters, *,
   table changed.
   """
   params = base_params
+  if adapters.get("full") is not None:  # full fine-tuning: the trained weights themselves
+    params = jax.tree.map(lambda t, b: jnp.asarray(t, b.dtype), adapters["full"], base_params)
   if adapters.get("lora"):
     lora = adapters["lora"]
     params = apply_lora(params, lora, float(lora_alpha) / lora_rank(lora))
@@ -85,8 +87,20 @@ def save_merged(out_dir: str, base_params: Params, cfg: ModelConfig, adapters: A
   """Writes the adapted model as a transformers checkpoint (config, safetensors, tokenizer).
 
   `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` then computes
-  the adapted logits. See `hf.save_hf_model` for the arguments.
+  the adapted logits. See `hf.save_hf_model` for the arguments and how an
+  existing `out_dir` is treated.
   """
+  return staging.write_export(
+      out_dir, {"format": "merged"},
+      lambda path: write_merged(path, base_params, cfg, adapters, lora_alpha=lora_alpha,
+                                tokenizer=tokenizer, config_dict=config_dict, dtype=dtype,
+                                max_shard_bytes=max_shard_bytes))
+
+
+def write_merged(out_dir: str, base_params: Params, cfg: ModelConfig, adapters: Adapters, *,
+                 lora_alpha: float, tokenizer=None, config_dict: dict[str, Any] | None = None,
+                 dtype: str = "float32", max_shard_bytes: float = 5e9) -> str:
+  """`save_merged`'s files, written straight into `out_dir` (created if missing)."""
   params, cfg = merged_params(base_params, cfg, adapters, lora_alpha=lora_alpha)
-  return hf.save_hf_model(out_dir, params, cfg, config_dict=config_dict, tokenizer=tokenizer,
-                          dtype=dtype, max_shard_bytes=max_shard_bytes)
+  return hf.write_hf_model(out_dir, params, cfg, config_dict=config_dict, tokenizer=tokenizer,
+                           dtype=dtype, max_shard_bytes=max_shard_bytes)

@@ -9,22 +9,32 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from semsafe_jax.export import staging
+
 Adapters = dict[str, Any]
 CONFIG_FILE = "adapter_config.json"
 
 
 def save_orbax(out_dir: str, adapters: Adapters, *, adapter_config: dict[str, Any]) -> str:
-  """Writes `adapters` (replacing any previous export) plus their config JSON."""
+  """Writes `adapters` plus their config JSON; returns out_dir (absolute).
+
+  Written afresh and renamed into place: an existing `out_dir` is replaced only if
+  an earlier export wrote it (see `staging.write_export`).
+  """
+  return staging.write_export(out_dir, {"format": "orbax"},
+                              lambda path: write_orbax(path, adapters,
+                                                       adapter_config=adapter_config))
+
+
+def write_orbax(out_dir: str, adapters: Adapters, *, adapter_config: dict[str, Any]) -> str:
+  """`save_orbax`'s files at `out_dir`, which must not exist yet (orbax creates it)."""
   out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir):
-    shutil.rmtree(out_dir)
   tree = jax.tree.map(lambda x: np.asarray(x, np.float32), adapters)  # host copy, one dtype
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(out_dir, tree)

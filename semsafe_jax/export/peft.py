@@ -22,7 +22,7 @@ import numpy as np
 import safetensors.numpy
 
 from semsafe_jax.adapters import lora_modules
-from semsafe_jax.export import hf, merged
+from semsafe_jax.export import hf, merged, staging
 from semsafe_jax.models.config import ModelConfig
 
 Params = dict[str, Any]
@@ -76,7 +76,8 @@ def save_peft(out_dir: str, base_params: Params, cfg: ModelConfig, adapters: Ada
   """Writes a PEFT LoRA directory for `adapters` on the base model `base_params`.
 
   Args:
-    out_dir: created if missing.
+    out_dir: written afresh and renamed into place; an existing folder is replaced
+      only if an earlier export wrote it (see `staging.write_export`).
     base_params: the frozen base params (needed to fold the embedding MLP).
     cfg: their ModelConfig.
     adapters: {"lora": ..., "embed_mlp": ...} (either may be absent).
@@ -84,8 +85,18 @@ def save_peft(out_dir: str, base_params: Params, cfg: ModelConfig, adapters: Ada
     base_model_name_or_path: recorded for `AutoPeftModelForCausalLM`.
     dtype: on-disk dtype of the folded input table (LoRA factors stay float32).
   Returns:
-    out_dir.
+    out_dir (absolute).
   """
+  return staging.write_export(
+      out_dir, {"format": "peft", "base_model_name_or_path": base_model_name_or_path},
+      lambda path: write_peft(path, base_params, cfg, adapters, lora_alpha=lora_alpha,
+                              base_model_name_or_path=base_model_name_or_path, dtype=dtype))
+
+
+def write_peft(out_dir: str, base_params: Params, cfg: ModelConfig, adapters: Adapters, *,
+               lora_alpha: float, base_model_name_or_path: str = "",
+               dtype: str = "float32") -> str:
+  """`save_peft`'s files, written straight into `out_dir` (created if missing)."""
   os.makedirs(out_dir, exist_ok=True)
   lora = adapters.get("lora") or None
   embed_mlp = adapters.get("embed_mlp")

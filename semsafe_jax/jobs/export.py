@@ -7,7 +7,9 @@
 
 The adapters come from the latest checkpoint in W (or `export.step`); the base
 model and adapter settings come from the config the run was trained with
-(W/config.json), falling back to the given config.
+(W/config.json), falling back to the given config. Each export folder carries
+`semsafe_export.json` (format, step, source run), the mark that lets a later export
+replace it; see export/staging.py for what is never written over.
 """
 
 from __future__ import annotations
@@ -20,13 +22,12 @@ from typing import Any
 import jax
 from absl import logging
 
-from semsafe_jax import export
+from semsafe_jax.errors import ConfigError, MissingInputError
+from semsafe_jax.export import hf, merged, native, peft, staging
 from semsafe_jax.models import loading, registry
-from semsafe_jax.train.checkpoint import load_latest_adapters
+from semsafe_jax.train.checkpoint import available_steps, load_adapters
 
 FORMATS = ("peft", "merged", "orbax")
-# Files that mark a directory as an earlier export (safe to write over).
-_EXPORT_MARKERS = ("adapter_config.json", "config.json", "_CHECKPOINT_METADATA")
 
 
 def _section(saved: dict[str, Any], config: Any, name: str) -> dict[str, Any]:
@@ -38,10 +39,11 @@ def _section(saved: dict[str, Any], config: Any, name: str) -> dict[str, Any]:
 
 
 def _adapters_of(trainable: Any) -> dict[str, Any]:
-  adapters = {k: trainable[k] for k in ("lora", "embed_mlp")
+  adapters = {k: trainable[k] for k in ("lora", "embed_mlp", "full")
               if isinstance(trainable, dict) and trainable.get(k) is not None}
   if not adapters:
-    raise ValueError("The checkpoint holds no adapters (expected 'lora' and/or 'embed_mlp').")
+    raise MissingInputError("The checkpoint holds no adapters (expected 'lora' and/or "
+                            "'embed_mlp').")
   return adapters
 
 
@@ -82,72 +84,90 @@ def source_config_dict(name_or_path: str) -> dict[str, Any] | None:
   return None
 
 
-def _prepare_out_dir(out_dir: str) -> None:
-  if os.path.isdir(out_dir) and os.listdir(out_dir):
-    if not any(os.path.exists(os.path.join(out_dir, m)) for m in _EXPORT_MARKERS):
-      raise FileExistsError(f"{out_dir} exists and does not look like an earlier export; "
-                            "choose another --config.export.out_dir or remove it.")
-  os.makedirs(out_dir, exist_ok=True)
-
-
 def run(config: Any, workdir: str) -> str:
-  """Exports the workdir's adapters in `config.export.format`; returns the output dir."""
+  """Exports the workdir's adapters in `config.export.format`; returns the output dir.
+
+  The export is written beside its place and renamed into it; an existing out_dir is
+  replaced only when an earlier export wrote it (its `semsafe_export.json`), and the
+  workdir itself is never a target (export/staging.py).
+  """
   ex = config.export
   fmt = ex.format
   if fmt not in FORMATS:
-    raise ValueError(f"Unknown export.format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+    raise ConfigError("export.format", fmt, f"expected one of {', '.join(FORMATS)}")
+  save_base = {"auto": None, "yes": True, "no": False}.get(str(ex.save_base).lower(), "bad")
+  if save_base == "bad":
+    raise ConfigError("export.save_base", ex.save_base, "expected auto, yes or no")
+  # Refuse a bad target before restoring anything or loading a model.
+  out_dir = staging.check_out_dir(ex.out_dir or os.path.join(workdir, "export", fmt),
+                                  workdir=workdir)
   step = None if ex.step is None or int(ex.step) < 0 else int(ex.step)
-  got = load_latest_adapters(workdir, step=step)
+  got = load_adapters(workdir, step=step, fallback=False,
+                      hint="Export another with --config.export.step=N.")
   if got is None:
-    which = "checkpoint" if step is None else f"checkpoint at step {step}"
-    raise FileNotFoundError(
-        f"No adapters to export: {workdir} has no {which} (looked in "
+    steps = available_steps(workdir)
+    if steps:
+      raise MissingInputError(f"No checkpoint at step {step} in "
+                              f"{os.path.join(workdir, 'checkpoints')}; its steps: "
+                              f"{', '.join(map(str, steps))} (--config.export.step=N, -1 = "
+                              "the latest).")
+    raise MissingInputError(
+        f"No adapters to export: {workdir} has no checkpoint (looked in "
         f"{os.path.join(workdir, 'checkpoints')}). Train first: python -m semsafe_jax.main "
         f"--config=... --workdir={workdir} --config.mode=train")
-  trainable, saved = got
-  adapters = _adapters_of(trainable)
+  adapters = _adapters_of(got.trainable)
+  saved = got.config
   model_section = _section(saved, config, "model")
   adapter_section = _section(saved, config, "adapters")
   name = str(model_section["name_or_path"])
   lora_alpha = float(adapter_section.get("lora_alpha", 16.0))
-  out_dir = ex.out_dir or os.path.join(workdir, "export", fmt)
   if jax.process_index() != 0:  # one writer; every process restored the same adapters
     return out_dir
-  _prepare_out_dir(out_dir)
+  marker = {"format": fmt, "step": got.step, "source_run": os.path.abspath(workdir),
+            "base_model": name}
 
   if fmt == "orbax":
-    export.save_orbax(out_dir, adapters, adapter_config={
-        "base_model_name_or_path": name, "adapters": adapter_section})
-    print(f"Wrote the adapters (Orbax) to {out_dir}\n  restore: "
+    staging.write_export(out_dir, marker, lambda path: native.write_orbax(
+        path, adapters, adapter_config={"base_model_name_or_path": name,
+                                        "adapters": adapter_section}), workdir=workdir)
+    print(f"Wrote the adapters (Orbax, step {got.step}) to {out_dir}\n  restore: "
           f"semsafe_jax.export.load_orbax({out_dir!r})", flush=True)
     return out_dir
 
   pre = loading.load_pretrained(name)  # float32: export precision is export.dtype
   dtype = ex.dtype
+  shard_bytes = float(ex.max_shard_gb) * 1e9
   if fmt == "merged":
-    export.save_merged(out_dir, pre.params, pre.cfg, adapters, lora_alpha=lora_alpha,
-                       tokenizer=pre.tokenizer, config_dict=source_config_dict(name),
-                       dtype=dtype, max_shard_bytes=float(ex.max_shard_gb) * 1e9)
-    print(f"Wrote the merged model to {out_dir}\n  load: transformers.AutoModelForCausalLM"
-          f".from_pretrained({out_dir!r})", flush=True)
+    staging.write_export(out_dir, marker, lambda path: merged.write_merged(
+        path, pre.params, pre.cfg, adapters, lora_alpha=lora_alpha, tokenizer=pre.tokenizer,
+        config_dict=source_config_dict(name), dtype=dtype, max_shard_bytes=shard_bytes),
+                         workdir=workdir)
+    print(f"Wrote the merged model (step {got.step}) to {out_dir}\n  load: "
+          f"transformers.AutoModelForCausalLM.from_pretrained({out_dir!r})", flush=True)
     return out_dir
 
-  save_base = {"auto": not transformers_loadable(name), "yes": True, "no": False}.get(
-      str(ex.save_base).lower())
+  if adapters.get("full") is not None:
+    raise ConfigError("export.format", fmt, "merged or orbax: this run trained every weight "
+                      "(full fine-tuning), which a PEFT adapter cannot hold")
   if save_base is None:
-    raise ValueError(f"export.save_base must be auto, yes or no; got {ex.save_base!r}.")
+    save_base = not transformers_loadable(name)
   base_ref = ex.base_model_name_or_path
   if save_base:
-    base_dir = os.path.abspath(os.path.join(out_dir, "base"))
-    export.save_hf_model(base_dir, pre.params, pre.cfg, config_dict=source_config_dict(name),
-                         tokenizer=pre.tokenizer, dtype=dtype,
-                         max_shard_bytes=float(ex.max_shard_gb) * 1e9)
-    base_ref = base_ref or base_dir
+    base_ref = base_ref or os.path.join(out_dir, "base")  # where it is after the rename
   elif not base_ref:
     base_ref = os.path.abspath(name) if os.path.isdir(name) else name
-  export.save_peft(out_dir, pre.params, pre.cfg, adapters, lora_alpha=lora_alpha,
-                   base_model_name_or_path=base_ref, dtype=dtype)
-  print(f"Wrote the PEFT adapter to {out_dir} (base model: {base_ref})\n  load: "
-        f"peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained("
-        f"{base_ref!r}), {out_dir!r})", flush=True)
+
+  def write(path: str) -> None:
+    if save_base:
+      hf.write_hf_model(os.path.join(path, "base"), pre.params, pre.cfg,
+                        config_dict=source_config_dict(name), tokenizer=pre.tokenizer,
+                        dtype=dtype, max_shard_bytes=shard_bytes)
+    peft.write_peft(path, pre.params, pre.cfg, adapters, lora_alpha=lora_alpha,
+                    base_model_name_or_path=base_ref, dtype=dtype)
+
+  staging.write_export(out_dir, {**marker, "base_model_name_or_path": base_ref}, write,
+                       workdir=workdir)
+  print(f"Wrote the PEFT adapter (step {got.step}) to {out_dir} (base model: {base_ref})\n"
+        f"  load: peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM"
+        f".from_pretrained({base_ref!r}), {out_dir!r})", flush=True)
   return out_dir

@@ -22,6 +22,7 @@ import jax
 from absl import logging
 
 from semsafe_jax import adapters as adapters_lib
+from semsafe_jax.errors import ConfigError, InputFileError, MissingInputError
 from semsafe_jax.models import generate as gen_lib
 from semsafe_jax.models.loading import load_pretrained
 
@@ -31,11 +32,19 @@ OUTPUT_FILE = "generations.jsonl"
 def read_prompts_file(path: str) -> list[str]:
   """Prompts from a text file (one per line) or JSONL ({"prompt": ...} per line)."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"generate.prompts_file {path!r} does not exist.")
-  with open(path, encoding="utf-8") as f:
-    lines = [line.rstrip("\n") for line in f if line.strip()]
+    raise MissingInputError(f"generate.prompts_file {path!r} does not exist.")
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = [line.rstrip("\n") for line in f if line.strip()]
+  except UnicodeDecodeError as e:
+    raise InputFileError(
+        f"generate.prompts_file {path!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at "
+        f"offset {e.start}); save it as UTF-8.") from None
+  except OSError as e:
+    raise InputFileError(f"generate.prompts_file {path!r} cannot be read: "
+                         f"{e.strerror or e}.") from None
   if not lines:
-    raise ValueError(f"generate.prompts_file {path!r} holds no prompts (it is empty).")
+    raise InputFileError(f"generate.prompts_file {path!r} holds no prompts (it is empty).")
   if not (path.endswith(".jsonl") or all(line.lstrip().startswith("{") for line in lines)):
     return lines
   prompts = []
@@ -43,10 +52,10 @@ def read_prompts_file(path: str) -> list[str]:
     try:
       row = json.loads(line)
     except json.JSONDecodeError as e:
-      raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}).") from e
+      raise InputFileError(f"{path}:{i}: not valid JSON ({e.msg}).") from None
     text = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
     if not isinstance(text, str):
-      raise ValueError(f"{path}:{i}: expected an object with a string \"prompt\" field.")
+      raise InputFileError(f"{path}:{i}: expected an object with a string \"prompt\" field.")
     prompts.append(text)
   return prompts
 
@@ -56,8 +65,9 @@ def collect_prompts(gc: Any) -> list[str]:
   if gc.prompts_file:
     prompts += read_prompts_file(os.path.expanduser(gc.prompts_file))
   if not prompts:
-    raise ValueError("Nothing to generate: set --config.generate.prompts_file=FILE "
-                     "or config.generate.prompts.")
+    raise ConfigError("generate.prompts_file", gc.prompts_file,
+                      "nothing to generate: set --config.generate.prompts_file=FILE "
+                      "or config.generate.prompts")
   return prompts
 
 
@@ -80,7 +90,8 @@ def load_trained_adapters(workdir: str, model_name: str | None = None,
   trainable, saved = got
   # The trainable tree holds the adapters (possibly next to other trained state).
   adapters = trainable.get("adapters", trainable) if isinstance(trainable, dict) else trainable
-  adapters = {k: adapters[k] for k in ("lora", "embed_mlp") if adapters.get(k) is not None}
+  adapters = {k: adapters[k] for k in ("lora", "embed_mlp", "full")
+              if adapters.get(k) is not None}
   # A saved run config carries the adapter settings (LoRA scale) the adapters were trained with.
   if isinstance(saved, dict) and saved.get("adapters"):
     adapter_cfg = saved["adapters"]
@@ -91,15 +102,6 @@ def load_trained_adapters(workdir: str, model_name: str | None = None,
   return adapters, adapter_cfg
 
 
-def apply_trained(params, adapters, adapter_cfg):
-  """(adapted params, embed_fn) for generate()."""
-  params = adapters_lib.apply_adapters(params, adapters, adapter_cfg)
-  # A Partial holding the MLP weights as leaves: traced by the jitted decoder, not baked in.
-  embed_fn = (adapters_lib.adapted_embed_fn(adapters)
-              if adapters.get("embed_mlp") is not None else None)
-  return params, embed_fn
-
-
 def run(config, workdir: str) -> list[dict[str, Any]]:
   gc, mc = config.generate, config.model
   prompts = collect_prompts(gc)
@@ -107,7 +109,8 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
                         layer_loop=mc.layer_loop)
   cfg, params, tok = pre.cfg, pre.params, pre.tokenizer
   if tok is None:
-    raise ValueError(f"{mc.name_or_path} has no tokenizer; generation needs one.")
+    raise ConfigError("model.name_or_path", mc.name_or_path,
+                      "this model has no tokenizer; generation needs one")
 
   embed_fn, adapted, step_note = None, False, "base model"
   if gc.adapters:
@@ -116,7 +119,7 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
       logging.info("No training checkpoint in %s: generating with the base model.", workdir)
     else:
       adapters, adapter_cfg = got
-      params, embed_fn = apply_trained(params, adapters, adapter_cfg)
+      params, embed_fn = adapters_lib.apply_trained(params, adapters, adapter_cfg)
       adapted = True
       step_note = f"trained adapters ({', '.join(sorted(adapters)) or 'none'}) from {workdir}"
       logging.info("Applying %s.", step_note)

@@ -5,19 +5,8 @@ Shape suffixes: B batch, L sequence, N gathered positions, V vocab, D width.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
-
-
-def cfg_get(cfg: Any, name: str, default: Any = None) -> Any:
-  """Reads a field from a ConfigDict, a dict or a dataclass alike."""
-  if cfg is None:
-    return default
-  if hasattr(cfg, "get"):
-    return cfg.get(name, default)
-  return getattr(cfg, name, default)
 
 
 def target_positions(ids_BxL: jax.Array, target_mask_BxL: jax.Array, n: int
@@ -42,12 +31,6 @@ def target_positions(ids_BxL: jax.Array, target_mask_BxL: jax.Array, n: int
 
 def gather_positions(x_BxLxD: jax.Array, pos_BxN: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x_BxLxD, pos_BxN[..., None], axis=1)
-
-
-def masked_mean_pool(x_BxLxD: jax.Array, mask_BxL: jax.Array) -> jax.Array:
-  """Mean over the masked positions (zeros for an all-masked row)."""
-  m = mask_BxL.astype(jnp.float32)[..., None]
-  return (x_BxLxD.astype(jnp.float32) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
 
 
 def prompt_mask(mask_BxL: jax.Array, prompt_end_B: jax.Array) -> jax.Array:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from semsafe_jax.losses.common import masked_mean_pool
+from semsafe_jax.probes.heads import classifier_logit, masked_mean_pool, probe_logit
 from semsafe_jax.models import transformer
 from semsafe_jax.models.config import ModelConfig
 
@@ -193,11 +193,6 @@ def expected_embeddings(logits_BxNxV: jax.Array, embedding_VxD: jax.Array) -> ja
   return probs @ embedding_VxD.astype(jnp.float32)
 
 
-def classifier_logit(clf: Params, feats_BxD: jax.Array) -> jax.Array:
-  x = (feats_BxD - clf["mu"]) / clf["sd"]
-  return jax.nn.relu(x @ clf["w1"] + clf["b1"]) @ clf["w2"] + clf["b2"]
-
-
 def classifier_score(clf: Params, logits_BxNxV: jax.Array, mask_BxN: jax.Array,
                      embedding_VxD: jax.Array) -> jax.Array:
   """[B] refusal probability of the responses predicted at the masked positions."""
@@ -209,10 +204,6 @@ def classifier_score(clf: Params, logits_BxNxV: jax.Array, mask_BxN: jax.Array,
 # (d) Hidden-state probe. Params: {"w": [D], "b": [], "mu": [D], "sd": [D],
 # "layer": int}; trained by probes/safety.py (harmful vs benign prompts, or
 # refused vs complied responses with probes/refusal.py:train_refusal_probe).
-
-
-def probe_logit(probe: Params, pooled_BxD: jax.Array) -> jax.Array:
-  return ((pooled_BxD - probe["mu"]) / probe["sd"]) @ probe["w"] + probe["b"]
 
 
 def probe_score(probe: Params, hidden_BxTxD: jax.Array, mask_BxT: jax.Array) -> jax.Array:

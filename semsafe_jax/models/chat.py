@@ -45,6 +45,28 @@ def encode(tokenizer: Any, texts: Sequence[str], *, chat: bool = True) -> list[l
           tokenizer(list(texts), add_special_tokens=add_special)["input_ids"]]
 
 
+def encode_prefill(tokenizer: Any, prefill: str | Sequence[int] | None) -> list[int]:
+  """Ids that open the assistant turn: a string is tokenised on its own (no special
+  tokens), a sequence of ids is taken as it is (exact, e.g. a model's own first tokens)."""
+  if prefill is None or (isinstance(prefill, str) and not prefill):
+    return []
+  if isinstance(prefill, str):
+    return list(tokenizer(prefill, add_special_tokens=False)["input_ids"])
+  return [int(t) for t in prefill]
+
+
+def with_prefills(tokenizer: Any, ids: Sequence[Sequence[int]],
+                  prefills: Sequence[str | Sequence[int] | None] | None) -> list[list[int]]:
+  """Appends each row's assistant-turn prefill to its prompt ids (after the generation
+  prompt), so decoding continues the prefilled answer."""
+  if prefills is None:
+    return [list(x) for x in ids]
+  if len(prefills) != len(ids):
+    raise ValueError(f"prefills: got {len(prefills)} for {len(ids)} prompts; pass one per prompt "
+                     "(None or '' for no prefill).")
+  return [list(x) + encode_prefill(tokenizer, p) for x, p in zip(ids, prefills)]
+
+
 def pad_id(tokenizer: Any) -> int:
   """Any id works for padding (it is masked); prefer the tokenizer's own."""
   for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):

@@ -157,6 +157,7 @@ def generate_batch(params: Params, cfg: ModelConfig, tokenizer: Any, prompts: Se
                    top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
                    stop_strings: Sequence[str] = (), chat: bool = True,
                    embed_fn: EmbedFn | None = None, stop_ids: Sequence[int] | None = None,
+                   prefills: Sequence[str | Sequence[int] | None] | None = None,
                    ) -> Generation:
   """Like `generate`, but also returns token ids and finished flags per prompt."""
   if max_new_tokens < 1:
@@ -165,7 +166,7 @@ def generate_batch(params: Params, cfg: ModelConfig, tokenizer: Any, prompts: Se
     return Generation([], [], [])
   sampling = Sampling(float(temperature), int(top_k), float(top_p))
   texts = chat_lib.format_prompts(tokenizer, prompts, chat=chat)
-  ids = chat_lib.encode(tokenizer, texts, chat=chat)
+  ids = chat_lib.with_prefills(tokenizer, chat_lib.encode(tokenizer, texts, chat=chat), prefills)
   pad = chat_lib.pad_id(tokenizer)
   stop_E = np.asarray(chat_lib.stop_token_ids(tokenizer) if stop_ids is None else stop_ids,
                       np.int32).reshape(-1)
@@ -204,7 +205,8 @@ def generate(params: Params, cfg: ModelConfig, tokenizer: Any, prompts: Sequence
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
              stop_strings: Sequence[str] = (), chat: bool = True,
-             embed_fn: EmbedFn | None = None) -> list[str]:
+             embed_fn: EmbedFn | None = None,
+             prefills: Sequence[str | Sequence[int] | None] | None = None) -> list[str]:
   """Completes each prompt; returns only the new text (special tokens stripped).
 
   chat=True renders each prompt as a user turn with the tokenizer's chat
@@ -214,8 +216,12 @@ def generate(params: Params, cfg: ModelConfig, tokenizer: Any, prompts: Sequence
   token embedding (prompt and every generated token), e.g. to apply the
   embedding-MLP adapter; pass a `jax.tree_util.Partial` to keep its arrays
   out of the compiled executable.
+
+  prefills: one per prompt (None or "" for none), a string or token ids that the
+  assistant turn already begins with; the answer continues it, and only the
+  continuation is returned (the prefilling attack, forced answer openings).
   """
   return generate_batch(params, cfg, tokenizer, prompts, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                         batch_size=batch_size, stop_strings=stop_strings, chat=chat,
-                        embed_fn=embed_fn).texts
+                        embed_fn=embed_fn, prefills=prefills).texts

@@ -13,8 +13,10 @@ import os
 import pathlib
 from typing import Any
 
+from semsafe_jax.errors import UserError
 
-class ModelLoadError(RuntimeError):
+
+class ModelLoadError(UserError, RuntimeError):
   """A model could not be loaded; the message says why and what to do."""
 
 

@@ -1,8 +1,8 @@
-"""Decoder-only transformer (Llama, Mistral, Qwen2/3, Gemma 3) in Flax NNX.
+"""Decoder-only transformer (Llama, Mistral, Qwen2/3, Gemma 3): a functional core.
 
-The NNX module only owns parameters. The forward pass is a pure function of a
-plain params dict, so adapters can transform that dict (`nnx.split` -> pure
-loss -> `nnx.merge`). Layer params are stacked on a leading axis; the layers run
+The forward pass is a pure function of a plain params dict (the state an NNX module
+would hold), so adapters are pure transforms of that dict and the loss is a pure
+function of the trainable pytree. Layer params are stacked on a leading axis; the layers run
 under one `jax.lax.scan` (compile time independent of depth) or, on CPU, as an
 unrolled loop (see `unrolls_layers`).
 
@@ -18,7 +18,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from semsafe_jax.models.config import ModelConfig
 
@@ -89,42 +88,6 @@ def _set(tree: Params, path: str, value) -> None:
   for p in parents:
     tree = tree.setdefault(p, {})
   tree[leaf] = value
-
-
-class _Params(nnx.Module):
-  """A nested container of nnx.Param leaves that carry logical axes."""
-
-  def __init__(self, tree: Params, axes: Params):
-    for name, sub in tree.items():
-      if isinstance(sub, dict):
-        setattr(self, name, _Params(sub, axes[name]))
-      else:
-        setattr(self, name, nnx.Param(sub, logical_axes=axes[name]))
-
-
-class Transformer(nnx.Module):
-  """The model: params as NNX state, forward as the pure `forward` below."""
-
-  def __init__(self, cfg: ModelConfig, params: Params | None = None, *, rngs: nnx.Rngs | None = None):
-    self.cfg = cfg
-    if params is None:
-      params = init_params(cfg, (rngs or nnx.Rngs(0)).params())
-    axes: Params = {}
-    for path, (_, ax) in param_specs(cfg).items():
-      _set(axes, path, ax)
-    self.params = _Params(params, axes)
-
-  def param_dict(self) -> Params:
-    return nnx.to_pure_dict(nnx.state(self.params, nnx.Param))
-
-  def embed(self, input_ids_BxT: jax.Array) -> jax.Array:
-    return embed(self.param_dict(), self.cfg, input_ids_BxT)
-
-  def lm_head(self, hidden_BxTxD: jax.Array) -> jax.Array:
-    return lm_head(self.param_dict(), self.cfg, hidden_BxTxD)
-
-  def __call__(self, input_ids_BxT=None, **kw) -> ModelOutput:
-    return forward(self.param_dict(), self.cfg, input_ids_BxT, **kw)
 
 
 # ----------------------------------------------------------------------------

@@ -15,8 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from semsafe_jax.losses.common import masked_mean_pool
-from semsafe_jax.losses.scorers import classifier_logit
+from semsafe_jax.probes.heads import classifier_logit, masked_mean_pool
 from semsafe_jax.models.config import ModelConfig
 from semsafe_jax.probes import safety
 

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from semsafe_jax.losses.common import cfg_get, masked_mean_pool
-from semsafe_jax.losses.scorers import probe_logit
+from semsafe_jax.configs import cfg_get
+from semsafe_jax.probes.heads import masked_mean_pool, probe_logit
 from semsafe_jax.models import generate as gen_lib
 from semsafe_jax.models import transformer
 from semsafe_jax.models.config import ModelConfig
@@ -221,8 +221,10 @@ def load_probe(out_dir: str) -> Params:
 def fit_safety_probe(params: Params, cfg: ModelConfig,
                      train: tuple[np.ndarray, np.ndarray, np.ndarray],
                      heldout: tuple[np.ndarray, np.ndarray, np.ndarray], out_dir: str, *,
-                     probe_cfg: Any = None, embed_fn: Callable | None = None) -> dict[str, Any]:
-  """The whole probe step: features, per-layer probes, report, best layer saved.
+                     probe_cfg: Any = None, embed_fn: Callable | None = None,
+                     write: bool = True) -> dict[str, Any]:
+  """The whole probe step: features, per-layer probes, report, best layer saved (write=False:
+  nothing written, as on the other processes of a multi-host job).
 
   train / heldout: (ids_NxT, mask_NxT, labels_N) with label 1 = harmful.
   Returns {"probe" (best layer, scorer format), "best_layer", "train_acc",
@@ -242,10 +244,12 @@ def fit_safety_probe(params: Params, cfg: ModelConfig,
   best = (int(np.lexsort((-acc_tr, -acc_ho))[0]) if layer in ("best", None, "")
           else int(layer) % len(acc_ho))
   probe = layer_probe(probes, best)
-  files = write_probe_report(out_dir, acc_tr, acc_ho, best)
-  meta = {"best_layer": best, "train_acc": acc_tr.tolist(), "heldout_acc": acc_ho.tolist(),
-          "n_train": int(len(train[2])), "n_heldout": int(len(heldout[2]))}
-  files["probe"] = save_probe(out_dir, probe, meta)
+  files = {}
+  if write:
+    files = write_probe_report(out_dir, acc_tr, acc_ho, best)
+    meta = {"best_layer": best, "train_acc": acc_tr.tolist(), "heldout_acc": acc_ho.tolist(),
+            "n_train": int(len(train[2])), "n_heldout": int(len(heldout[2]))}
+    files["probe"] = save_probe(out_dir, probe, meta)
   return {"probe": probe, "best_layer": best, "train_acc": acc_tr, "heldout_acc": acc_ho,
           "files": files}
 

@@ -9,12 +9,19 @@ Layout of a workdir W:
 Re-running with the same W resumes from the latest step. A different config
 in an existing W is an error unless `config.overwrite=True`, which deletes the
 old checkpoints and starts fresh, so a run is never silently overwritten.
+
+A step whose files cannot be read back (a disk full, a file lost) is damaged:
+training moves it aside to W/checkpoints/<step>.damaged and resumes from the
+previous intact step, generation skips it, both with a warning; export stops
+and names it (export.step picks another).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Iterable, Mapping
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -23,10 +30,12 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from semsafe_jax.errors import DamagedCheckpointError, UserError
 from semsafe_jax.train import sharding
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_SUFFIX = ".damaged"  # a damaged step is moved aside to <step>.damaged
 # item -> (orbax handler, its save args, its restore args).
 _STANDARD = (ocp.StandardCheckpointHandler, ocp.args.StandardSave, ocp.args.StandardRestore)
 _JSON = (ocp.JsonCheckpointHandler, ocp.args.JsonSave, ocp.args.JsonRestore)
@@ -34,14 +43,15 @@ _ITEM_HANDLERS = {"trainable": _STANDARD, "train_state": _STANDARD, "data": _JSO
 ITEMS = tuple(_ITEM_HANDLERS)
 # Config keys that may change between runs in one workdir: they pick what to do
 # with a run (mode, logging, checkpoint cadence), not what the run computes.
-RESUME_SAFE_KEYS = ("mode", "overwrite", "multihost", "generate", "export", "eval",
+RESUME_SAFE_KEYS = ("mode", "overwrite", "multihost", "generate", "export", "eval", "evals",
+                    "judges", "judge",
                     "train.log_every", "train.progress", "train.donate", "checkpoint")
 
 # workdir -> config already checked (and maybe wiped for) in this process.
 _PREPARED: dict[str, dict[str, Any]] = {}
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(UserError, ValueError):
   """An existing workdir holds a run with a different config."""
 
 
@@ -155,10 +165,40 @@ class Checkpointer:
   def __init__(self, workdir: str | epath.Path, *, every: int, keep: int | None,
                async_save: bool = True):
     self.workdir = epath.Path(workdir)
-    self.manager = _manager(workdir, every=every, keep=keep, async_save=async_save)
+    self._options = dict(every=every, keep=keep, async_save=async_save)
+    self.manager = _manager(workdir, **self._options)
+    self._intact: set[int] = set()  # steps read back or written by this process
 
   def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+    """The latest intact step. Damaged later steps are moved aside (with a warning), so
+    training resumes from the step before them and can save their step numbers again."""
+    damaged = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      if step in self._intact:
+        break
+      error = _read_error(self.manager, step, ITEMS)
+      if error is None:
+        self._intact.add(step)
+        break
+      damaged.append((step, error))
+    if damaged:
+      self._set_aside(damaged)
+    intact = [s for s in self.manager.all_steps() if s in self._intact]
+    return max(intact) if intact else None
+
+  def _set_aside(self, damaged: Sequence[tuple[int, str]]) -> None:
+    ckpt_dir = self.workdir / CHECKPOINT_DIR
+    self.manager.wait_until_finished()
+    sharding.sync("semsafe_checkpoint_damaged_read")  # every process read before the move
+    for step, error in damaged:
+      target = _aside_path(ckpt_dir, step)
+      if sharding.is_primary():
+        (ckpt_dir / str(step)).rename(target)
+      logging.warning("Checkpoint step %d in %s is damaged (%s); moved it to %s. Resuming "
+                      "from the previous intact step.", step, ckpt_dir, error, target)
+    sharding.sync("semsafe_checkpoint_damaged_moved")
+    self.manager.close()  # it still lists the moved steps
+    self.manager = _manager(self.workdir, **self._options)
 
   def reached_preemption(self, step: int) -> bool:
     """True at the step all hosts agreed to save at after a preemption notice."""
@@ -176,7 +216,10 @@ class Checkpointer:
         trainable=ocp.args.StandardSave(state.trainable),
         train_state=ocp.args.StandardSave(_rest(state)),
         data=ocp.args.JsonSave(dict(data_state)))
-    return self.manager.save(step, args=args, force=force)
+    saved = self.manager.save(step, args=args, force=force)
+    if saved:
+      self._intact.add(step)
+    return saved
 
   def restore(self, step: int, abstract_state) -> tuple[Any, dict[str, Any]]:
     """Restores into the structure, dtypes and shardings of `abstract_state`
@@ -201,29 +244,142 @@ def _rest(state) -> dict[str, Any]:
   return {k: getattr(state, k) for k in state._fields if k != "trainable"}
 
 
-def load_latest_adapters(workdir: str | epath.Path,
-                         step: int | None = None) -> tuple[Any, dict[str, Any]] | None:
-  """(trainable params as numpy, saved config dict) from the latest (or given)
-  checkpoint in `workdir`, or None when it has none. Works on any device
-  layout: arrays are restored onto this host, not the devices that saved them."""
+def _aside_path(ckpt_dir: epath.Path, step: int) -> epath.Path:
+  target = ckpt_dir / f"{step}{DAMAGED_SUFFIX}"
+  n = 1
+  while target.exists():  # an earlier damaged copy of the same step number stays too
+    n += 1
+    target = ckpt_dir / f"{step}{DAMAGED_SUFFIX}{n}"
+  return target
+
+
+def _host_target(meta: Any) -> Any:
+  """Restore target for an item: its saved shapes and dtypes on this host's CPU, whatever
+  devices wrote it."""
+  tree = getattr(meta, "tree", meta)
+  device = jax.local_devices(backend="cpu")[0]
+  return jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                     sharding=jax.sharding.SingleDeviceSharding(device)),
+      tree, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+
+
+def _restore_items(manager: ocp.CheckpointManager, step: int,
+                   items: Sequence[str]) -> dict[str, Any]:
+  meta = manager.item_metadata(step)
+  args = {}
+  for item in items:
+    if _ITEM_HANDLERS[item] is _JSON:
+      args[item] = ocp.args.JsonRestore()
+    else:
+      if meta[item] is None:
+        raise FileNotFoundError(f"no metadata for {item!r}")
+      args[item] = ocp.args.StandardRestore(_host_target(meta[item]))
+  return dict(manager.restore(step, args=ocp.args.Composite(**args)))
+
+
+def _short(error: BaseException) -> str:
+  """First line of an orbax / tensorstore error, without the storage spec it appends."""
+  text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  text = text.split(" [tensorstore_spec=", 1)[0]
+  return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _read_error(manager: ocp.CheckpointManager, step: int, items: Sequence[str]) -> str | None:
+  """Why `items` of `step` cannot be read back, or None when they can."""
+  try:
+    _restore_items(manager, step, items)
+  except Exception as e:  # pylint: disable=broad-except; any failure means unreadable
+    return _describe_failure(e)
+  return None
+
+
+def _describe_failure(error: BaseException) -> str:
+  _quiet_closed_loop_callbacks()
+  return f"{type(error).__name__}: {_short(error)}"
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """After a failed restore, tensorstore still completes the other reads and calls back
+  into the event loop orbax already closed; Python prints each such "Event loop is
+  closed" as an unraisable-exception traceback. Drops exactly those, once installed."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_semsafe_quiet", False):
+    return
+
+  def hook(unraisable):
+    if (unraisable.exc_type is RuntimeError
+        and str(unraisable.exc_value) == "Event loop is closed"):
+      return
+    previous(unraisable)
+
+  hook._semsafe_quiet = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
+
+
+def available_steps(workdir: str | epath.Path) -> list[int]:
+  """The finished checkpoint steps in `workdir` (damaged ones included)."""
+  ckpt_dir = epath.Path(workdir) / CHECKPOINT_DIR
+  if not ckpt_dir.exists():
+    return []
+  manager = _manager(workdir, create=False, async_save=False)
+  try:
+    return sorted(manager.all_steps())
+  finally:
+    manager.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedAdapters:
+  trainable: Any  # numpy arrays
+  config: dict[str, Any]  # the run's W/config.json ({} when missing)
+  step: int
+
+
+def load_adapters(workdir: str | epath.Path, step: int | None = None, *,
+                  fallback: bool = True, hint: str = "") -> LoadedAdapters | None:
+  """The trainable params (as numpy) of the latest (or given) checkpoint in `workdir`.
+
+  Returns None when `workdir` has no checkpoint (or none at `step`). A damaged
+  latest step is skipped with a warning naming it when `fallback` (and no step was
+  asked for); otherwise it raises DamagedCheckpointError, ending with `hint` (how the
+  caller picks another step). Works on any device
+  layout: arrays are restored onto this host, not the devices that saved them.
+  """
   ckpt_dir = epath.Path(workdir) / CHECKPOINT_DIR
   if not ckpt_dir.exists():
     return None
   manager = _manager(workdir, create=False, async_save=False)
   try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      return None
-    meta = manager.item_metadata(step)["trainable"]
-    tree = getattr(meta, "tree", meta)
-    device = jax.local_devices(backend="cpu")[0]
-    target = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
-                                       sharding=jax.sharding.SingleDeviceSharding(device)),
-        tree, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-    out = manager.restore(step, args=ocp.args.Composite(
-        trainable=ocp.args.StandardRestore(target)))
-    trainable = jax.tree.map(np.asarray, out["trainable"])
+    steps = sorted(manager.all_steps(), reverse=True)
+    candidates = steps if step is None else [s for s in steps if s == step]
+    for s in candidates:
+      try:
+        out = _restore_items(manager, s, ("trainable",))
+      except Exception as e:  # pylint: disable=broad-except; any failure means unreadable
+        error = _describe_failure(e)
+        others = ", ".join(str(o) for o in steps if o != s) or "none"
+        if not fallback or step is not None:
+          raise DamagedCheckpointError(
+              f"Checkpoint step {s} in {ckpt_dir} is damaged ({error}); other steps there: "
+              f"{others}.{' ' + hint if hint else ''}") from None
+        logging.warning("Checkpoint step %d in %s is damaged (%s); using the previous step.",
+                        s, ckpt_dir, error)
+        continue
+      trainable = jax.tree.map(np.asarray, out["trainable"])
+      return LoadedAdapters(trainable, read_config(workdir) or {}, s)
   finally:
     manager.close()
-  return trainable, read_config(workdir) or {}
+  if candidates:
+    raise DamagedCheckpointError(
+        f"Every checkpoint step in {ckpt_dir} is damaged ({', '.join(map(str, steps))}); "
+        "retrain, or restore the files.")
+  return None
+
+
+def load_latest_adapters(workdir: str | epath.Path,
+                         step: int | None = None) -> tuple[Any, dict[str, Any]] | None:
+  """(trainable params as numpy, saved config dict) from the latest (or given)
+  checkpoint in `workdir`, or None when it has none; see `load_adapters`."""
+  got = load_adapters(workdir, step)
+  return None if got is None else (got.trainable, got.config)

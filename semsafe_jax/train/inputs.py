@@ -32,15 +32,16 @@ def encode_pair(tokenizer, prompt: str, response: str) -> tuple[list[int], list[
     if full[: len(p)] == p:
       # Drop whatever the template appends after the end-of-turn token (newlines).
       resp = full[len(p):]
-      eos = set(_eos_ids(tokenizer))
+      eos = set(eos_ids(tokenizer))
       cut = next((i + 1 for i, t in enumerate(resp) if t in eos), len(resp))
       return p, resp[:cut]
   p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
   r = tokenizer(response, add_special_tokens=False)["input_ids"]
-  return list(p), list(r) + _eos_ids(tokenizer)[:1]
+  return list(p), list(r) + eos_ids(tokenizer)[:1]
 
 
-def _eos_ids(tokenizer) -> list[int]:
+def eos_ids(tokenizer) -> list[int]:
+  """Token ids that end an assistant turn (the chat template's end-of-turn, then EOS)."""
   ids = []
   for tok in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>"):
     i = tokenizer.convert_tokens_to_ids(tok)
@@ -72,11 +73,14 @@ def encode_rows(tokenizer, prompts: list[str], responses: list[str], max_len: in
   The prompt is never cut (the model must see the whole request); the
   response is cut to `max_response` tokens. L is the longest row rounded up
   to `multiple`, capped at `max_len`; rows longer than that keep the prompt's
-  end and drop its start.
+  end and drop its start. No prompts give zero rows of length `multiple` (e.g. a
+  data source without benign prompts: the batcher then says what is missing).
   """
+  if len(prompts) != len(responses):
+    raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
   pairs = [encode_pair(tokenizer, p, r) for p, r in zip(prompts, responses)]
   pairs = [(p, r[:max_response]) for p, r in pairs]
-  longest = max(len(p) + len(r) for p, r in pairs)
+  longest = max((len(p) + len(r) for p, r in pairs), default=1)
   L = min(max_len, -(-longest // multiple) * multiple)
   n = len(pairs)
   ids = np.full((n, L), tokenizer.pad_token_id or 0, np.int32)

@@ -12,6 +12,7 @@ stay replicated. jit + GSPMD inserts the collectives (no pmap).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,27 +39,79 @@ RULES: dict[str, Rules] = {
 }
 
 
+# Where a launcher without cluster auto-detection (plain processes on one machine, a
+# custom scheduler) tells each process its place in the job. JAX itself reads
+# JAX_COORDINATOR_ADDRESS; it reads the other two only on clusters it detects.
+DIST_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def distributed_args(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+  """`jax.distributed.initialize` keyword arguments from DIST_ENV (unset ones left out,
+  so JAX's own cluster detection fills them on TPU pods, SLURM and Open MPI)."""
+  env = os.environ if environ is None else environ
+  kw: dict[str, Any] = {}
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    kw["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
+  for name, arg, low in (("JAX_NUM_PROCESSES", "num_processes", 1),
+                         ("JAX_PROCESS_ID", "process_id", 0)):
+    raw = env.get(name, "")
+    if not raw:
+      continue
+    try:
+      kw[arg] = int(raw)
+    except ValueError:
+      kw[arg] = None
+    if kw[arg] is None or kw[arg] < low:
+      raise ValueError(f"{name}={raw!r}: expected an integer >= {low}.")
+  if ("num_processes" in kw) != ("process_id" in kw):
+    raise ValueError("Set JAX_NUM_PROCESSES and JAX_PROCESS_ID together (got only "
+                     f"{'JAX_NUM_PROCESSES' if 'num_processes' in kw else 'JAX_PROCESS_ID'}).")
+  if "process_id" in kw and kw["process_id"] >= kw["num_processes"]:
+    raise ValueError(f"JAX_PROCESS_ID={kw['process_id']}: expected 0 .. "
+                     f"JAX_NUM_PROCESSES-1 = {kw['num_processes'] - 1}.")
+  if "num_processes" in kw and "coordinator_address" not in kw:
+    raise ValueError("JAX_NUM_PROCESSES is set but JAX_COORDINATOR_ADDRESS is not: set it to "
+                     "host:port of process 0.")
+  return kw
+
+
 def initialize_distributed(config) -> bool:
   """Calls `jax.distributed.initialize()` when `config.multihost` is set.
 
   Must run before any JAX computation (call it first thing in the entry
   point). On TPU pods and SLURM/Open MPI GPU clusters JAX finds the
-  coordinator and process ids itself. Returns True when initialised here.
+  coordinator and process ids itself; elsewhere set JAX_COORDINATOR_ADDRESS
+  (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID in each
+  process's environment. CPU processes exchange collectives over gloo.
+  Returns True when initialised here.
   """
   if not config.get("multihost", False):
     return False
   if jax.distributed.is_initialized():
     return False
+  kw = distributed_args()
+  _cpu_collectives()
   try:
-    jax.distributed.initialize()
-  except RuntimeError as e:
+    jax.distributed.initialize(**kw)
+  except (RuntimeError, ValueError) as e:
     raise RuntimeError(
         "config.multihost=True but jax.distributed.initialize() failed. It must run "
         "before any JAX computation: call semsafe_jax.train.initialize_distributed(config) "
-        f"at the start of the program. Original error: {e}") from e
+        "at the start of the program; off TPU pods and SLURM/Open MPI clusters, set "
+        f"{', '.join(DIST_ENV)} in every process. Original error: {e}") from e
   logging.info("jax.distributed initialised: process %d of %d, %d global devices.",
                jax.process_index(), jax.process_count(), jax.device_count())
   return True
+
+
+def _cpu_collectives() -> None:
+  """CPU processes need a cross-process collectives backend (gloo, JAX's default in
+  recent versions; older ones default to none, and CPU collectives then fail)."""
+  try:
+    if jax.config.jax_cpu_collectives_implementation is None:
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  except AttributeError:  # a JAX without the option
+    pass
 
 
 def is_primary() -> bool:

@@ -2,9 +2,10 @@
 
 Builds the mesh, places the frozen model and the adapters, restores the
 latest checkpoint of the workdir, runs the step (compiled once for the whole
-run), logs to a tqdm bar and TensorBoard (process 0 only), saves checkpoints
-(interval, preemption, SIGTERM, end) and stops after `train.max_bad_steps`
-consecutive non-finite steps.
+run), logs to a tqdm bar and TensorBoard (process 0 only; with the consistency
+term's pairs per step and share of the loss when the loss reports them), saves
+checkpoints (interval, preemption, SIGTERM, end) and stops after
+`train.max_bad_steps` consecutive non-finite steps.
 
 The batch for step s must be a pure function of (seed, s) with the same
 shapes every step: resuming then replays exactly the data of an
@@ -25,6 +26,7 @@ from absl import logging
 from etils import epath
 
 from semsafe_jax.train import checkpoint as ckpt_lib
+from semsafe_jax.train import monitor
 from semsafe_jax.train import sharding
 from semsafe_jax.train import step as step_lib
 
@@ -42,27 +44,38 @@ class Preempted(SystemExit):
 
 
 class _SigtermFlag:
-  """Turns SIGTERM into a flag checked between steps (single-process runs; on
-  several processes JAX's preemption service owns SIGTERM and orbax reports a
-  step that every host agrees to save at)."""
+  """Turns SIGTERM and Ctrl-C (SIGINT) into a flag checked between steps: the loop then
+  saves the current step and stops. A second Ctrl-C stops at once. Single-process runs
+  only; on several processes JAX's preemption service owns SIGTERM and orbax reports a
+  step that every host agrees to save at."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self, enabled: bool):
     self.raised = False
-    self._old = None
+    self._old: dict[int, Any] = {}
     self._enabled = enabled and threading.current_thread() is threading.main_thread()
 
   def __enter__(self):
     if self._enabled:
-      self._old = signal.signal(signal.SIGTERM, self._handler)
+      for sig in self.SIGNALS:
+        self._old[sig] = signal.signal(sig, self._handler)
     return self
 
   def _handler(self, signum, frame):
-    del signum, frame
+    del frame
+    if signum == signal.SIGINT:
+      if self.raised:  # asked twice: stop now, without the checkpoint
+        signal.signal(signal.SIGINT, self._old.get(signal.SIGINT, signal.default_int_handler))
+        raise KeyboardInterrupt
+      logging.warning("Ctrl-C: saving a checkpoint after this step, then stopping "
+                      "(press Ctrl-C again to stop at once).")
     self.raised = True
 
   def __exit__(self, *exc):
-    if self._enabled:
-      signal.signal(signal.SIGTERM, self._old)
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+    self._old = {}
 
 
 def _micro_batches(batch_fn: BatchFn, step: int, accum: int) -> Any:
@@ -111,6 +124,9 @@ class _Logger:
       self.bar.update(1)
     if log:
       s = int(m["step"])
+      share = monitor.consistency_summary([m])["consistency_share_mean"]
+      if share is not None:  # lam * L_consistency / L_total, when the loss reports both
+        m = {**m, "consistency_share": share}
       if self.writer is not None:
         for k, v in m.items():
           if k != "step":
@@ -134,7 +150,10 @@ def fit(loss_fn: step_lib.LossFn, init_trainable: Params, batch_fn: BatchFn, con
 
   Args:
     loss_fn: `(trainable, frozen, batch, rng) -> (loss, metrics)`, pure and
-      jit-able; metrics a dict of scalars (shown on the bar: keys "l_*").
+      jit-able; metrics a dict of scalars (shown on the bar: keys "l_*"). A loss
+      with consistency pairs reports "pairs_valid" (and "l_consistency_weighted",
+      "l_total"): fit logs their run summary (train/monitor.py) and warns when
+      pairs average below one per step.
     init_trainable: adapter params (cast to float32), used on a fresh start.
     batch_fn: `step -> batch` (pytree of numpy arrays, fixed shapes), a pure
       function of (seed, step) returning the GLOBAL batch; every process calls
@@ -202,6 +221,7 @@ def fit(loss_fn: step_lib.LossFn, init_trainable: Params, batch_fn: BatchFn, con
   max_bad = int(tc.max_bad_steps)
   logger = _Logger(workdir, start, total, primary, tc.get("progress", True))
   history: list[dict[str, float]] = []
+  early_check: list[float | None] = []  # pairs per step at the first log, once
   batch_dim = 1 if accum > 1 else 0
   sigterm = _SigtermFlag(config.checkpoint.get("save_on_sigterm", True)
                          and jax.process_count() == 1)
@@ -212,7 +232,12 @@ def fit(loss_fn: step_lib.LossFn, init_trainable: Params, batch_fn: BatchFn, con
     m = {k: float(np.asarray(v.addressable_data(0))) for k, v in pending.items()}
     history.append(m)
     s = int(m["step"])
-    logger.step(m, log=(s % log_every == 0 or s == total))
+    log = s % log_every == 0 or s == total
+    logger.step(m, log=log)
+    if log and primary and s < total and not early_check:
+      # Early word on a run whose consistency term is (nearly) off; the end repeats it.
+      early_check.append(monitor.consistency_summary(history)["pairs_valid_mean"])
+      monitor.warn_if_few_pairs(early_check[0], f"the first {len(history)} steps")
     if m["skipped"]:
       logging.warning("Step %d skipped: non-finite loss or gradient (%d in a row).",
                       s, int(m["bad_consecutive"]))
@@ -254,5 +279,7 @@ def fit(loss_fn: step_lib.LossFn, init_trainable: Params, batch_fn: BatchFn, con
   if total > start:
     logging.info("Trained steps %d..%d in %.1fs (%d step traces).", start, total,
                  time.time() - t0, train_step.trace_count)
+  if primary:  # losses with consistency pairs: are they really training?
+    monitor.log_summary(monitor.consistency_summary(history))
   # This process's copy (replicated): usable in single-device code such as generation.
   return jax.tree.map(lambda x: x.addressable_data(0), state.trainable), history

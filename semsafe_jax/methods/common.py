@@ -1,0 +1,49 @@
+"""Model-running pieces several methods share (the pure maths lives in semsafe_jax/losses)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from semsafe_jax.adapters import adapted_embed_fn, apply_adapters
+from semsafe_jax.losses.common import gather_positions, target_positions
+from semsafe_jax.losses.safety import token_cross_entropy
+from semsafe_jax.methods.base import Tokens
+from semsafe_jax.models import transformer
+from semsafe_jax.models.config import ModelConfig
+
+Params = Any
+
+
+def adapted(trainable: Params, base_params: Params, adapter_cfg: Any,
+            rng: jax.Array | None) -> tuple[Params, Callable]:
+  """(params to differentiate, embed_fn): LoRA unmerged, full weights if trained."""
+  params = apply_adapters(base_params, trainable, adapter_cfg, rng=rng, merge=False)
+  return params, adapted_embed_fn(trainable)
+
+
+def response_logits(params: Params, cfg: ModelConfig, embed_fn: Callable, t: Tokens,
+                    n_max: int, **forward_kw
+                    ) -> tuple[jax.Array, jax.Array, jax.Array, transformer.ModelOutput]:
+  """(logits [B, n, V], targets [B, n], mask [B, n], forward output) at the first n_max
+  response tokens of each row. The LM head runs on those positions only."""
+  out = transformer.forward(params, cfg, inputs_embeds_BxTxD=embed_fn(params, cfg, t.ids),
+                            attention_mask_BxS=t.mask, compute_logits=False, **forward_kw)
+  pos, targets, mask = target_positions(t.ids, t.target_mask, n_max)
+  return transformer.lm_head(params, cfg, gather_positions(out.hidden, pos)), targets, mask, out
+
+
+def response_logprob(logits_BxNxV: jax.Array, targets_BxN: jax.Array,
+                     mask_BxN: jax.Array) -> jax.Array:
+  """[B] summed log-probability of each row's response tokens."""
+  return -(token_cross_entropy(logits_BxNxV, targets_BxN) * mask_BxN).sum(-1)
+
+
+def token_ce_sums(logits_BxNxV: jax.Array, targets_BxN: jax.Array, mask_BxN: jax.Array,
+                  weight_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(weighted sum of token cross-entropies, weighted token count): pool several blocks
+  into one token mean, as plain SFT over a mixed dataset does."""
+  m = mask_BxN.astype(jnp.float32) * weight_B.astype(jnp.float32)[:, None]
+  return (token_cross_entropy(logits_BxNxV, targets_BxN) * m).sum(), m.sum()
