@@ -128,6 +128,7 @@ def uses_model(config: Any) -> bool:
 def modes() -> list[str]:
   """config.mode values: one per module of semsafe_jax/jobs."""
   import pkgutil  # pylint: disable=g-import-not-at-top
+
   from semsafe_jax import jobs  # pylint: disable=g-import-not-at-top
   return sorted(m.name for m in pkgutil.iter_modules(jobs.__path__) if not m.name.startswith("_"))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SPLITS = ("heldout_intent", "heldout_phrasing", "borderline", "benign")
+SPLITS = ("heldout_intent", "heldout_phrasing", "borderline", "benign", "lookalike")
 
 
 def _main(workdir, *flags, config="configs/tiny.py", check=True):

@@ -15,9 +15,21 @@ from typing import Any
 import jax
 import numpy as np
 
-from semsafe_jax.adapters.embed_mlp import EmbedFn, apply_embed_mlp, embed_fn_for, init_embed_mlp
-from semsafe_jax.adapters.lora import (DEFAULT_TARGETS, SHORT_TARGETS, adaptable_kernels,
-                                       apply_lora, init_lora, lora_modules, resolve_targets)
+from semsafe_jax.adapters.embed_mlp import (
+  EmbedFn,
+  apply_embed_mlp,
+  embed_fn_for,
+  init_embed_mlp,
+)
+from semsafe_jax.adapters.lora import (
+  DEFAULT_TARGETS,
+  SHORT_TARGETS,
+  adaptable_kernels,
+  apply_lora,
+  init_lora,
+  lora_modules,
+  resolve_targets,
+)
 from semsafe_jax.configs import cfg_get
 from semsafe_jax.models import transformer
 from semsafe_jax.models.config import ModelConfig

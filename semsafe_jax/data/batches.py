@@ -25,8 +25,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator, Sequence
 
-from absl import logging
 import numpy as np
+from absl import logging
 
 from semsafe_jax.data.neighbors import Neighbors
 from semsafe_jax.data.schema import DataError

@@ -15,8 +15,8 @@ import os
 import pathlib
 from typing import Sequence
 
-from absl import logging
 import numpy as np
+from absl import logging
 
 from semsafe_jax.data.schema import DataError
 

@@ -57,8 +57,14 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from absl import logging
 
 from semsafe_jax.data import builtin
-from semsafe_jax.data.schema import (UNLABELED, DataError, Prompt, RowIssues, text_key,
-                                     validate_prompt)
+from semsafe_jax.data.schema import (
+  UNLABELED,
+  DataError,
+  Prompt,
+  RowIssues,
+  text_key,
+  validate_prompt,
+)
 
 FILE_KINDS = ("advbench", "harmbench", "xstest", "jbb", "strongreject", "csv", "jsonl", "json")
 KINDS = ("builtin", *FILE_KINDS, "hf")

@@ -18,13 +18,13 @@ import os
 import pathlib
 from typing import Any, Sequence
 
-from absl import logging
 import numpy as np
+from absl import logging
 
-from semsafe_jax.data import builtin, embed, loaders, neighbors, splits as splits_lib
+from semsafe_jax.data import builtin, embed, loaders, neighbors
+from semsafe_jax.data import splits as splits_lib
 from semsafe_jax.data.batches import PairBatcher
 from semsafe_jax.data.schema import DataError, Prompt, check_trainable
-
 
 PAIR_STATS_STEPS = 50  # batches make_batcher samples to estimate pairs per step
 

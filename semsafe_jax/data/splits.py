@@ -35,11 +35,16 @@ from __future__ import annotations
 import collections
 from typing import Any, Iterable, Sequence
 
-from absl import logging
 import numpy as np
+from absl import logging
 
-from semsafe_jax.data.schema import (UNLABELED, DataError, Prompt, check_trainable,
-                                     eval_only_sources)
+from semsafe_jax.data.schema import (
+  UNLABELED,
+  DataError,
+  Prompt,
+  check_trainable,
+  eval_only_sources,
+)
 
 TRAIN_SPLITS = ("train", "train_benign", "train_borderline", "train_lookalike")  # labelled
 UNLABELED_SPLIT = "train_unlabeled"

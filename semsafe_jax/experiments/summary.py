@@ -31,6 +31,7 @@ from typing import Any
 
 from semsafe_jax.eval import stats
 from semsafe_jax.experiments.grid import DONE, Cell
+from semsafe_jax.files import read_jsonl
 
 BASE_ARM = "base model"  # the "before" column: the frozen model every arm starts from
 HISTORY_FILE = "train_history.jsonl"
@@ -47,11 +48,6 @@ _CSV_FIELDS = ("arm", "method", "override_set", "stage", "eval", "metric", "judg
 
 # ----------------------------------------------------------------------------
 # Reading cells.
-
-
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 @dataclasses.dataclass

@@ -32,7 +32,9 @@ from typing import Any
 from absl import logging
 
 from semsafe_jax.errors import ConfigError
-from semsafe_jax.experiments import grid, plots as plots_lib, summary as summary_lib
+from semsafe_jax.experiments import grid
+from semsafe_jax.experiments import plots as plots_lib
+from semsafe_jax.experiments import summary as summary_lib
 
 LOGS_DIR = "logs"
 

@@ -16,13 +16,14 @@ import importlib
 import json
 import os
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 from absl import logging
 
 from semsafe_jax import adapters as adapters_lib
 from semsafe_jax.errors import ConfigError, InputFileError, MissingInputError
+from semsafe_jax.files import write_jsonl
 from semsafe_jax.models import generate as gen_lib
 from semsafe_jax.models.loading import load_pretrained
 
@@ -147,13 +148,3 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
     print(f"Wrote {len(rows)} generations to {os.path.join(workdir, OUTPUT_FILE)} "
           f"({step_note}).", flush=True)
   return rows
-
-
-def write_jsonl(path: str, rows: Sequence[dict[str, Any]]) -> None:
-  """One JSON object per line, written atomically (also the main job's answer files)."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for r in rows:
-      f.write(json.dumps(r, ensure_ascii=False) + "\n")
-  os.replace(tmp, path)  # readers never see a half-written file

@@ -27,7 +27,8 @@ from semsafe_jax.data.schema import DataError
 from semsafe_jax.eval import base as eval_lib
 from semsafe_jax.eval import judge
 from semsafe_jax.eval import report as report_lib
-from semsafe_jax.methods.context import Context, read_jsonl, write_jsonl
+from semsafe_jax.files import read_jsonl, write_jsonl
+from semsafe_jax.methods.context import Context
 from semsafe_jax.models.loading import load_pretrained
 from semsafe_jax.train import checkpoint as ckpt_lib
 from semsafe_jax.train import monitor, sharding
@@ -124,7 +125,7 @@ def run(config, workdir: str) -> dict[str, Any]:
       "config": ckpt_lib.config_to_dict(config),
       "train": {"steps": int(config.train.steps), "steps_run": steps_run,
                 "seconds": float(train_seconds),
-                # The first step compiles; the rest is the steady per-step cost.
+                # Includes the first step's compile: an upper bound on the steady cost.
                 "seconds_per_step": (float(train_seconds) / steps_run if steps_run else None),
                 "pairs_valid_mean": cons["pairs_valid_mean"],
                 "consistency_share_mean": cons["consistency_share_mean"],

@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from semsafe_jax.probes.heads import classifier_logit, masked_mean_pool, probe_logit
 from semsafe_jax.models import transformer
 from semsafe_jax.models.config import ModelConfig
+from semsafe_jax.probes.heads import classifier_logit, masked_mean_pool, probe_logit
 
 Params = dict[str, Any]
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import os
 from typing import Any, Callable, Sequence
 
@@ -26,6 +25,7 @@ from semsafe_jax.data.batches import PairBatcher
 from semsafe_jax.data.pipeline import PreparedData, dump_json, make_batcher
 from semsafe_jax.data.schema import Prompt
 from semsafe_jax.data.splits import UNLABELED_SPLIT
+from semsafe_jax.files import read_jsonl, write_jsonl
 from semsafe_jax.methods.base import Pairs, SafetyBatch, Tokens
 from semsafe_jax.models import generate as gen_lib
 from semsafe_jax.models.config import ModelConfig
@@ -303,18 +303,3 @@ def _positions(rows: np.ndarray, n: int) -> np.ndarray:
   pos = np.full(n, -1, np.int64)
   pos[np.asarray(rows, np.int64)] = np.arange(len(rows))
   return pos
-
-
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def write_jsonl(path: str, rows: Sequence[dict[str, Any]]) -> None:
-  """One JSON object per line, written atomically (readers never see half a file)."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for r in rows:
-      f.write(json.dumps(r, ensure_ascii=False) + "\n")
-  os.replace(tmp, path)

@@ -191,7 +191,8 @@ def with_reference(ctx, table: PairTable, n_max: int) -> PairTable:
   digest = hashlib.sha256()
   for a in (r.ids, r.mask, r.target_mask, which):
     digest.update(np.ascontiguousarray(a).tobytes())
-  digest.update(f"{ctx.config.model.name_or_path}|{ctx.config.model.dtype}|{n_max}".encode())
+  mc = ctx.config.model
+  digest.update(f"{mc.name_or_path}|{mc.dtype}|{mc.get('param_dtype', '')}|{n_max}".encode())
   key = digest.hexdigest()
   path = os.path.join(ctx.workdir, REFERENCE_FILE)
   if os.path.exists(path):

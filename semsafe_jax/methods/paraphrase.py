@@ -44,7 +44,7 @@ from semsafe_jax.data import rewrite as rewrite_lib
 from semsafe_jax.data.schema import text_key
 from semsafe_jax.data.splits import EVAL_SPLITS
 from semsafe_jax.eval import judge
-from semsafe_jax.methods.context import write_jsonl
+from semsafe_jax.files import write_jsonl
 
 PARAPHRASE_DIR = "paraphrase"  # in W
 CANDIDATES_FILE = "variants.jsonl"  # in W/paraphrase/: every candidate and its fate

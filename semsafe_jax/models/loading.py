@@ -363,6 +363,7 @@ _GGUF_ARCHS = tuple(families.GGUF_TABLES)
 @functools.lru_cache(maxsize=1)
 def _reader_class():
   import inspect  # pylint: disable=g-import-not-at-top
+
   import gguf  # pylint: disable=g-import-not-at-top
 
   base = gguf.GGUFReader

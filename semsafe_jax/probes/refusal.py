@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from semsafe_jax.probes.heads import classifier_logit, masked_mean_pool
 from semsafe_jax.models.config import ModelConfig
 from semsafe_jax.probes import safety
+from semsafe_jax.probes.heads import classifier_logit, masked_mean_pool
 
 Params = dict[str, Any]
 

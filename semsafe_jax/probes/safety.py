@@ -26,10 +26,10 @@ import numpy as np
 import optax
 
 from semsafe_jax.configs import cfg_get
-from semsafe_jax.probes.heads import masked_mean_pool, probe_logit
 from semsafe_jax.models import generate as gen_lib
 from semsafe_jax.models import transformer
 from semsafe_jax.models.config import ModelConfig
+from semsafe_jax.probes.heads import masked_mean_pool, probe_logit
 
 Params = dict[str, Any]
 PROBE_USES = ("off", "weight_pairs", "flag_unlabeled")

@@ -1,9 +1,15 @@
 """Training: a generic jit train step, mesh sharding, Orbax checkpoints, `fit`."""
 
-from semsafe_jax.train.checkpoint import (ConfigMismatchError, load_latest_adapters,
-                                          prepare_workdir)
-from semsafe_jax.train.sharding import (initialize_distributed, make_mesh,
-                                        model_logical_axes)
+from semsafe_jax.train.checkpoint import (
+                                          ConfigMismatchError,
+                                          load_latest_adapters,
+                                          prepare_workdir,
+)
+from semsafe_jax.train.sharding import (
+                                          initialize_distributed,
+                                          make_mesh,
+                                          model_logical_axes,
+)
 from semsafe_jax.train.step import TrainState, TrainStep, make_optimizer
 from semsafe_jax.train.trainer import NonFiniteError, Preempted, fit
 

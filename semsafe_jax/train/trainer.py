@@ -26,8 +26,7 @@ from absl import logging
 from etils import epath
 
 from semsafe_jax.train import checkpoint as ckpt_lib
-from semsafe_jax.train import monitor
-from semsafe_jax.train import sharding
+from semsafe_jax.train import monitor, sharding
 from semsafe_jax.train import step as step_lib
 
 Params = Any
