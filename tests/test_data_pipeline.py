@@ -87,7 +87,8 @@ def test_prepare_data_writes_everything_and_feeds_a_batcher(tmp_path, cache_dir)
   batch = batcher.batch(0)
   train = set(data.splits["train"])
   assert set(batch.harmful_idx) <= train
-  train_other = set(data.splits["train_benign"]) | set(data.splits["train_borderline"])
+  train_other = (set(data.splits["train_benign"]) | set(data.splits["train_borderline"])
+                 | set(data.splits["train_lookalike"]))
   assert set(batch.benign_idx) <= train_other
   assert batch.pair_index.shape == (config.data.pairs_per_step, 2)
   assert sum(batcher.batch(s).pair_valid.sum() for s in range(20)) > 0

@@ -188,7 +188,7 @@ def _eval_sets(data: PreparedData, config) -> dict[str, list[str]]:
   out = {}
   for name, split in EVAL_SPLITS.items():
     rows = np.asarray(data.splits.get(split, []), dtype=np.int64)
-    if not len(rows) and split.startswith("eval_only"):
+    if not len(rows):  # e.g. no look-alikes or eval-only sources in the data
       continue
     if cap and len(rows) > cap:
       rows = np.sort(np.random.default_rng(config.eval.seed).choice(rows, cap, replace=False))
