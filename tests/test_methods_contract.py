@@ -73,6 +73,8 @@ def test_loss_contract(shared, name):
   np.testing.assert_allclose(loss, loss_e, rtol=2e-5, atol=1e-6)
   assert np.isfinite(float(loss)) and "l_total" in metrics
   for k, v in metrics.items():
+    if "accuracy" in k:  # counts ties at init (chosen = rejected): decided by rounding noise
+      continue
     np.testing.assert_allclose(v, metrics_e[k], rtol=2e-4, atol=1e-5, err_msg=k)
   for group, g in grads.items():
     leaves = [np.asarray(x) for x in jax.tree.leaves(g)]
