@@ -16,7 +16,8 @@ from semsafe_jax.configs import load_sibling
 _METHODS = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                                         "methods"))
 THREE_SEEDS = ("semsafe", "lora_sft", "semsafe_lam0")
-ONE_SEED = ("lora_sft_qv", "full_ft", "semsafe_lora_only", "semsafe_mlp_only",
+ONE_SEED = ("lora_sft_qv", "full_ft", "dpo", "safedpo", "paraphrase_aug", "contrastive",
+            "circuit_breakers", "deep_alignment", "semsafe_lora_only", "semsafe_mlp_only",
             "semsafe_full_ft", "semsafe_hidden", "semsafe_next_token", "semsafe_classifier",
             "semsafe_soft_pattern", "semsafe_probe", "semsafe_probe_pairs")
 
