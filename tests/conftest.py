@@ -44,6 +44,16 @@ def adapters(base):
   return jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape, np.float32), ad)
 
 
+@pytest.fixture(scope="module")
+def fast_compile():
+  """XLA at -O0, as semsafe_jax.main does for configs/tiny.py (compiles dominate a tiny
+  model's time); the old setting is restored after the module."""
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
 # --- Real prompts + SBERT embeddings (test_data_neighbors, test_data_splits) ---
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -86,13 +86,8 @@ def small_config():
   return c
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-  """XLA at -O0, as configs/tiny.py runs: compiles are most of a tiny model's time."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+# XLA at -O0, as configs/tiny.py runs: compiles are most of a tiny model's time.
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(scope="module")

@@ -31,15 +31,6 @@ def method_config(name: str):
 
 
 @pytest.fixture(scope="module")
-def fast_compile():
-  # As semsafe_jax.main does for configs/tiny.py: XLA -O0, restored afterwards.
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
-
-
-@pytest.fixture(scope="module")
 def shared(tmp_path_factory, fast_compile):
   """Data and the tiny model, prepared once; each method gets its own Context on them."""
   del fast_compile
