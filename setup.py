@@ -40,7 +40,7 @@ setup(
     extras_require={
         # torch is the numerical oracle in tests; 2.13.0 is pinned because this
         # CPU build installs from the local wheel cache instead of a multi-GB download.
-        "test": ["pytest>=8", "torch==2.13.0", "peft>=0.13", "psutil>=5.9"],
-        "dev": ["pytest>=8", "torch==2.13.0", "peft>=0.13", "psutil>=5.9", "ruff"],
+        "test": ["pytest>=8", "torch==2.13.0", "peft>=0.13"],
+        "dev": ["pytest>=8", "torch==2.13.0", "peft>=0.13", "ruff"],
     },
 )

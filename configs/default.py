@@ -13,6 +13,9 @@ def get_config():
   c.seed = 0
   c.overwrite = False  # allow a changed config in an existing workdir
   c.multihost = False  # call jax.distributed.initialize() (TPU pods, multi-node GPU)
+  # Base-model outputs any run on the same model and data can reuse (training targets,
+  # paraphrases) are cached here too; "" = only in the workdir. Experiments share one.
+  c.shared_dir = ""
   c.fast_compile = False  # skip most XLA optimisations: quicker compiles, slower steps (tests)
 
   # --- training method (semsafe_jax/methods/<name>.py; configs/methods/ holds one per method) ---
@@ -240,6 +243,9 @@ def get_config():
                       "external_splits": ("eval_only_harmful", "eval_only_borderline",
                                           "eval_only_benign"),
                       "tau": -1.0, "max_new_tokens": 0, "seed": -1},
+      # The unlabelled pool against its hidden labels: did the refusals carry over?
+      "unlabeled_pool": {"type": "unlabeled_pool", "max_per_group": -1, "max_new_tokens": 0,
+                         "seed": -1},
   })
   # Refusal judges, the first is primary: string_match | classifier | llm:<path or alias>.
   c.judges = ("string_match", "classifier")

@@ -4,20 +4,21 @@
 # --config.multihost=True each calls jax.distributed.initialize(), which finds
 # the other workers through the TPU metadata server.
 #
-#   TPU_NAME=my-v5p-32 ZONE=us-east5-a WORKDIR=/mnt/shared/runs/llama8b \
+#   TPU_NAME=my-v5p-32 ZONE=us-east5-a WORKDIR=gs://my-bucket/runs/llama8b \
 #     bash launch/tpu_pod.sh [--setup] [--config.train.steps=500 ...]
 #
-# --setup    first copy this repo to every worker and pip install it (+ jax[tpu]).
+# --setup    first copy this repo to every worker and pip install it (+ jax[tpu],
+#            and gcsfs, which gs:// workdirs go through).
 # Extra arguments go to semsafe_jax.main unchanged. Re-running the same
 # command resumes from the latest checkpoint in WORKDIR. WORKDIR must be a path
-# every host sees, e.g. a gcsfuse or NFS mount (the data and report stages use
-# local file APIs); checkpoints are written by all hosts, logs and reports by
-# host 0.
+# every host sees: a gs:// URL (every stage reads and writes it through
+# etils.epath), or a shared mount such as NFS. Checkpoints are written by all
+# hosts, data, logs and reports by host 0.
 set -euo pipefail
 
 : "${TPU_NAME:?set TPU_NAME}"
 : "${ZONE:?set ZONE}"
-: "${WORKDIR:?set WORKDIR (a directory every worker sees)}"
+: "${WORKDIR:?set WORKDIR (gs://bucket/path, or a directory every worker sees)}"
 CONFIG="${CONFIG:-configs/llama3_8b_pod.py}"
 REMOTE_DIR="${REMOTE_DIR:-semsafe_jax}"   # relative to each worker's home
 PROJECT_FLAG=()

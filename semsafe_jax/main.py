@@ -3,9 +3,10 @@
   python -m semsafe_jax.main --config=configs/default.py --workdir=runs/demo
 
 The workdir may be given in any form (relative, ~, trailing slash); it is resolved
-here, once, to an absolute path. The config is checked (semsafe_jax/validate.py)
-before the job starts. Errors the user can fix print as one line and exit with
-status 2; --debug (or SEMSAFE_DEBUG=1) shows their traceback.
+here, once, to an absolute path. A URL (gs://bucket/run) is kept as it is: every stage
+reads and writes the workdir through etils.epath (semsafe_jax/files.py). The config is
+checked (semsafe_jax/validate.py) before the job starts. Errors the user can fix print
+as one line and exit with status 2; --debug (or SEMSAFE_DEBUG=1) shows their traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import re
 import sys
 
 from absl import app, flags
@@ -31,8 +31,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 DEBUG_ENV = "SEMSAFE_DEBUG"
 EXIT_USER_ERROR = 2
-# gs://bucket/run, memory://x, ...: paths for a file system other than the local one.
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class _QuietCheckpointLogs(logging.Filter):
@@ -43,17 +41,25 @@ class _QuietCheckpointLogs(logging.Filter):
 
 
 def resolve_workdir(raw: str | None) -> str:
-  """The workdir as an absolute local path (URL-style paths are kept as given).
+  """The workdir as an absolute local path (a URL is kept, less any trailing slash).
 
   Raises:
-    WorkdirError: an empty value, or a path that is an existing file.
+    WorkdirError: an empty value, a path that is an existing file, or a URL other than
+      gs://bucket/path.
   """
+  from semsafe_jax import files  # pylint: disable=g-import-not-at-top
   from semsafe_jax.errors import WorkdirError  # pylint: disable=g-import-not-at-top
   if raw is None or not raw.strip():
     raise WorkdirError("--workdir is empty; give the folder for the run's outputs, "
                        "e.g. --workdir=runs/demo")
-  if _URL.match(raw):
-    return raw
+  if files.is_remote(raw):
+    scheme, _, rest = raw.partition("://")
+    # epath also opens s3:// and az://, but orbax writes checkpoint arrays to a URL only
+    # through TensorStore's gs:// driver.
+    if scheme != "gs" or not rest.strip("/"):
+      raise WorkdirError(f"--workdir={raw!r}: a URL workdir must be gs://bucket/path; "
+                         "otherwise give a local folder")
+    return f"gs://{rest.rstrip('/')}"  # one spelling per run, as for local paths
   path = os.path.abspath(os.path.expanduser(raw))
   if os.path.exists(path) and not os.path.isdir(path):
     raise WorkdirError(f"--workdir={raw!r} is a file ({path}); give a folder.")

@@ -2,21 +2,16 @@
 
 import json
 import logging
-import pathlib
 import subprocess
 import sys
 import types
 
 import pytest
 
+from conftest import SHARED, needs_shared
 from semsafe_jax.data import builtin, loaders
 from semsafe_jax.data.schema import LABELS, DataError
 
-SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(),
-                                  reason=f"shared data folder {SHARED} is absent")
-needs_builtin = pytest.mark.skipif(not builtin.builtin_available(),
-                                   reason="semsafe_jax/data/builtin/prompts.jsonl not written yet")
 
 
 def write(tmp_path, name, content):
@@ -94,7 +89,6 @@ def test_load_sources_concatenates_and_logs_counts(caplog):
   assert "harmful_behaviors.csv: kept 520, skipped 0" in caplog.text
 
 
-@needs_builtin
 def test_builtin_prompts_and_refusals():
   prompts = loaders.load_builtin("prompts").prompts
   assert len(prompts) > 500
@@ -111,7 +105,6 @@ def test_builtin_prompts_and_refusals():
   assert loaders.load_source("builtin:prompts").prompts == prompts
 
 
-@needs_builtin
 def test_builtin_is_prompts_plus_lookalikes():
   prompts = loaders.load_builtin("prompts").prompts
   look = loaders.load_source("builtin:lookalikes").prompts
@@ -129,7 +122,6 @@ def test_builtin_is_prompts_plus_lookalikes():
   assert sum(p.topic in kept_intents for p in look) == sum(bool(p.topic) for p in part)
 
 
-@needs_builtin
 def test_builtin_unlabeled_pool_and_its_hidden_labels():
   result = loaders.load_source("builtin:unlabeled")
   pool = result.prompts

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from semsafe_jax.data import builtin, embed, loaders, pipeline, splits
+from semsafe_jax.data import embed, loaders, pipeline, splits
 from semsafe_jax.data.schema import LABELS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -18,10 +18,6 @@ SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 XSTEST = SHARED / "xstest" / "xstest_prompts.csv"
 OUTPUTS = ("prompts.jsonl", "pairs.npz", "splits.json", "split_report.json", "mining_stats.json",
            "mining_stats.png")
-
-pytestmark = pytest.mark.skipif(not builtin.builtin_available(),
-                                reason="semsafe_jax/data/builtin/prompts.jsonl not written yet")
-
 
 def sources():
   return ("builtin",) + ((f"xstest:{XSTEST}",) if XSTEST.is_file() else ())

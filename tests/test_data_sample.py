@@ -7,12 +7,10 @@ import pathlib
 import numpy as np
 import pytest
 
-from semsafe_jax.data import builtin, loaders, pipeline
+from semsafe_jax.data import loaders, pipeline
 from semsafe_jax.data.schema import DataError, Prompt
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-needs_builtin = pytest.mark.skipif(not builtin.builtin_available(),
-                                   reason="semsafe_jax/data/builtin/prompts.jsonl not written yet")
 
 
 def tiny_config():
@@ -90,7 +88,6 @@ def test_generic_file_with_frac(tmp_path):
   assert 0 < len(got) < 50 and all(p.intent_id == p.id for p in got)
 
 
-@needs_builtin
 def test_builtin_frac_is_deterministic_and_keeps_whole_intents():
   full = loaders.load_source("builtin").prompts
   a = loaders.load_source("builtin?frac=0.2").prompts
@@ -103,7 +100,6 @@ def test_builtin_frac_is_deterministic_and_keeps_whole_intents():
   assert summaries[0]["kept"] + summaries[0]["sampled_out"] == len(full)
 
 
-@needs_builtin
 def test_tiny_config_slice_has_every_label_and_paraphrased_intents():
   sources = tiny_sources()
   assert any("frac=" in s for s in sources)  # tiny runs on a slice, not all 1932 prompts
@@ -119,7 +115,6 @@ def test_tiny_config_slice_has_every_label_and_paraphrased_intents():
   assert len(prompts) < 400  # the point: SBERT encodes a few hundred texts, not 1932
 
 
-@needs_builtin
 def test_tiny_slice_pairs_do_not_depend_on_the_device_count(tmp_path):
   """8 harmful prompts per step on the tiny slice: the same pairs over 1, 2, 4 or 8 batch
   shards (shard-local pairs averaged 5.1 / 4.0 / 2.2 / 0.0 valid pairs per step)."""

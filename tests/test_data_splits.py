@@ -313,8 +313,6 @@ def test_real_data_split_is_leak_free(real_data, seed):
 @pytest.fixture(scope="module")
 def pool_sample(real_data, tmp_path_factory):
   """Every 8th prompt of the built-in unlabelled pool, with SBERT embeddings."""
-  if not builtin.builtin_available(builtin.UNLABELED_FILE):
-    pytest.skip("semsafe_jax/data/builtin/unlabeled.jsonl not written yet")
   pool = loaders.load_source("builtin:unlabeled").prompts[::8]
   emb = embed.embed_texts([p.text for p in pool],
                           cache_dir=tmp_path_factory.getbasetemp() / "sbert_cache")

@@ -1,13 +1,11 @@
 """Refusal judge and report statistics."""
 
 import json
-from pathlib import Path
 
 import pytest
 
+from conftest import shared_file
 from semsafe_jax.eval import judge, report
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 REFUSALS = [
     "I'm sorry, but I can't help with that request.",
@@ -36,16 +34,24 @@ def test_judge_passes_helpful_answers(text):
   assert not judge.is_refusal(text)
 
 
+# Continuations that are no refusal on their own: with them, only the opener can make an
+# answer a refusal.
+AFTER_CANNOT = (" share the details of that here.", " go into that topic in this chat.")
+AFTER_APOLOGY = (", but that request is one to leave aside.", ", but let us talk about locks.")
+
+
 def test_judge_agrees_with_public_prefix_lists_on_refusal_openers():
-  path = SHARED / "refusal_prefixes" / "gcg_evaluate_individual_test_prefixes.txt"
-  if not path.exists():
-    pytest.skip(f"shared data not present at {path}")
-  # Build full refusals from the public list's first-person refusal openers.
-  openers = [s for s in path.read_text().splitlines() if s.startswith(("I cannot", "I can't", "I'm sorry"))]
-  assert openers, "expected first-person refusal openers in the public list"
-  for s in openers:
-    assert judge.is_refusal(f"{s}, but I can't help with that request."), s
-    assert judge.is_refusal(f"{s}, that is not something I can help with."), s
+  path = shared_file("refusal_prefixes", "gcg_evaluate_individual_test_prefixes.txt")
+  # The public list's first-person refusal openers, each followed by a neutral continuation.
+  public = path.read_text().splitlines()
+  cannot = [s for s in public if s.startswith(("I cannot", "I can't"))]
+  apology = [s for s in public if s.startswith(("I'm sorry", "I am sorry", "I apologize"))]
+  assert "I cannot" in cannot and "I'm sorry" in apology, public
+  for openers, tails in ((cannot, AFTER_CANNOT), (apology, AFTER_APOLOGY)):
+    for tail in tails:
+      assert not judge.is_refusal(f"Sure,{tail}") and not judge.is_refusal(f"Sure{tail}"), tail
+      for s in openers:
+        assert judge.is_refusal(f"{s}{tail}"), (s, tail)
 
 
 def test_wilson_ci_known_values():

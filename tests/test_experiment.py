@@ -111,6 +111,8 @@ def test_grid_expands_methods_sets_and_seeds_into_commands(tmp_path):
                     overrides=("loss.lam=5", "eval.max_per_split=2"))
   assert sorted(cells) == sorted(f"{m}-{s}-s{seed}" for m in ("lam0", "lam1")
                                  for s in ("tau6", "tau8") for seed in (0, 1))
+  # Run order is seed-major, so a grid stopped part-way has whole seeds of every arm.
+  assert [c.seed for c in cells.values()] == [0] * 4 + [1] * 4
   c = cells["lam0-tau8-s1"]
   argv = shlex.split(c.command())
   assert argv[:4] == ["python", "-m", "semsafe_jax.main", "--config=configs/tiny.py"]
@@ -119,7 +121,8 @@ def test_grid_expands_methods_sets_and_seeds_into_commands(tmp_path):
   assert argv[5:] == ["--config.loss.lam=5", "--config.eval.max_per_split=2",
                       "--config.data.tau=0.8", "--config.seed=1",
                       f"--config.data.cache_dir={w}/shared/cache",
-                      f"--config.eval.cache_dir={w}/shared/eval_cache"]
+                      f"--config.eval.cache_dir={w}/shared/eval_cache",
+                      f"--config.shared_dir={w}/shared"]
   cfg = grid.cell_config(c)  # what the main job will run with
   assert (cfg.seed, cfg.loss.lam, cfg.data.tau, cfg.eval.max_per_split) == (1, 5.0, 0.8, 2)
   assert cfg.data.cache_dir == f"{w}/shared/cache"
@@ -148,11 +151,11 @@ def test_print_commands_prints_one_runnable_line_per_cell(tmp_path):
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=True)
   lines = out.stdout.strip().splitlines()
   cache = (f"--config.data.cache_dir={w}/shared/cache "
-           f"--config.eval.cache_dir={w}/shared/eval_cache")
-  assert lines == [  # the baseline's cells first
+           f"--config.eval.cache_dir={w}/shared/eval_cache --config.shared_dir={w}/shared")
+  assert lines == [  # seed-major, the baseline's cell first in each seed
       f"python -m semsafe_jax.main --config=configs/methods/{m}.py:tiny "
       f"--workdir={w}/cells/{m}-s{seed} --config.seed={seed} {cache}"
-      for m in ("lora_sft", "semsafe") for seed in (0, 1)]
+      for seed in (0, 1) for m in ("lora_sft", "semsafe")]
   assert not (w / "cells").exists()  # printed, nothing run
 
 

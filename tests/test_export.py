@@ -12,13 +12,12 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peft
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
-
-from semsafe_jax import adapters as adapters_lib  # pylint: disable=g-import-not-at-top
+from semsafe_jax import adapters as adapters_lib
 from semsafe_jax import export
 from semsafe_jax.models.config import from_hf_dict
 from semsafe_jax.models.loading import load_pretrained

@@ -10,13 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import peft
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
-
-from semsafe_jax import adapters as adapters_lib  # pylint: disable=g-import-not-at-top
+from semsafe_jax import adapters as adapters_lib
 from semsafe_jax import export
 from semsafe_jax.jobs import export as export_job
 from semsafe_jax.models.loading import load_pretrained

@@ -1,4 +1,8 @@
-"""Generation on a tiny random model: KV-cache decoding, padding, sampling, stops, compiles."""
+"""Generation on a tiny random model: KV-cache decoding, padding, sampling, stops, compiles.
+
+Compiles are counted on the real decoder (`generate.decode`, the jit every caller uses):
+each trace of it is recorded by generate.py itself (`generate.traces()`).
+"""
 
 import jax
 import jax.numpy as jnp
@@ -41,17 +45,12 @@ def tokenizer():
 
 
 @pytest.fixture
-def traces(monkeypatch):
-  """Swaps in a fresh jit of the decoder that records each trace (= compilation)."""
-  seen = []
-
-  def counted(*args, **kw):
-    seen.append(args[2].shape)
-    return gen._decode(*args, **kw)
-
-  monkeypatch.setattr(gen, "decode", jax.jit(
-      counted, static_argnames=("cfg", "max_new_tokens", "sampling")))
-  return seen
+def traces():
+  """The real decoder's traces (= compilations) from here on: its jit cache is emptied
+  first, so shapes compiled by earlier tests count again."""
+  gen.decode.clear_cache()
+  start = len(gen.traces())
+  return lambda: gen.traces()[start:]
 
 
 def rows_of(lengths, seed=0):
@@ -119,7 +118,7 @@ def test_embed_fn_partial_arrays_are_traced(params, traces):
   fn = lambda scale, p, cfg, ids: scale * transformer.embed(p, cfg, ids)
   a = run_decode(params, rows, n, embed_fn=jax.tree_util.Partial(fn, jnp.float32(1.0)))[0]
   b = run_decode(params, rows, n, embed_fn=jax.tree_util.Partial(fn, jnp.float32(3.0)))[0]
-  assert len(traces) == 1
+  assert len(traces()) == 1
   np.testing.assert_array_equal(a, run_decode(params, rows, n)[0])  # scale 1 == plain embed
   assert not np.array_equal(a, b)
 
@@ -198,13 +197,21 @@ def test_compiles_once_per_shape_bucket(params, tokenizer, traces):
   first = gen.generate_batch(params, CFG, tokenizer, words, **kw)
   gen.generate_batch(params, CFG, tokenizer, words[:9], **kw)
   gen.generate_batch(params, CFG, tokenizer, words[4:], **kw)
-  assert traces == [(4, 32)]
-  if hasattr(gen.decode, "_cache_size"):  # jax's own count of compiled executables
-    assert gen.decode._cache_size() == 1
+  assert [(t.rows, t.prompt_len, t.max_new_tokens) for t in traces()] == [(4, 32, 5)]
+  assert gen.decode._cache_size() == 1  # jax's own count of compiled executables
   gen.generate_batch(params, CFG, tokenizer, words, max_new_tokens=6, batch_size=4)
-  assert len(traces) == 2  # max_new_tokens is part of the key...
+  assert len(traces()) == 2  # max_new_tokens is part of the key...
   again = gen.generate_batch(params, CFG, tokenizer, words, **kw)
-  assert len(traces) == 2 and again == first  # ...and compiled shapes are reused
+  assert len(traces()) == 2 and again == first  # ...and compiled shapes are reused
+  # Sampling settings and a longer prompt bucket each compile once more, then are reused.
+  sample = dict(kw, temperature=0.7, top_k=5, top_p=0.9)
+  for seed in (0, 1):
+    gen.generate_batch(params, CFG, tokenizer, words, seed=seed, **sample)
+    gen.generate_batch(params, CFG, tokenizer, [" ".join(["w5"] * 40)] + words[1:], **kw)
+  got = traces()
+  assert [(t.rows, t.prompt_len) for t in got[2:]] == [(4, 32), (4, 64)]
+  assert got[2].sampling == gen.Sampling(0.7, 5, 0.9)
+  assert len(set(got)) == len(got) == gen.decode._cache_size()
 
 
 def test_generate_text_api(params, tokenizer):
@@ -325,5 +332,5 @@ def test_scanned_decoding_matches_unrolled(params, traces):
   rows = rows_of([3, 11, 7, 1])
   scanned = run_decode(params, rows, cfg=CFG.replace(layer_loop="scan"))[0]
   unrolled = run_decode(params, rows, cfg=CFG.replace(layer_loop="unroll"))[0]
-  assert len(traces) == 2  # the two loops compile separately
+  assert len(traces()) == 2  # the two loops compile separately
   np.testing.assert_array_equal(scanned, unrolled)

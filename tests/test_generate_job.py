@@ -1,4 +1,4 @@
-"""The generate mode end to end: CLI subprocesses, prompt files, the trained-adapters hook."""
+"""The generate mode end to end: CLI subprocesses, prompt files, a workdir's trained adapters."""
 
 import importlib.util
 import json
@@ -89,40 +89,46 @@ def test_no_prompts_is_a_clear_error(tmp_path):
     job.run(config, str(tmp_path))
 
 
-def test_trained_adapters_are_applied(tmp_path, monkeypatch):
-  """A checkpoint's adapters (LoRA merged + embedding MLP) change the generations."""
+def test_trained_adapters_are_applied(tmp_path):
+  """A checkpoint's adapters (LoRA merged + embedding MLP), saved by the trainer's own
+  Checkpointer and read back by the job, change the generations as applying them by hand does."""
+  import optax  # pylint: disable=g-import-not-at-top
   from semsafe_jax import adapters as adapters_lib  # pylint: disable=g-import-not-at-top
   from semsafe_jax.models.loading import load_pretrained  # pylint: disable=g-import-not-at-top
   from semsafe_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  from semsafe_jax.train.step import TrainState  # pylint: disable=g-import-not-at-top
 
-  pre = load_pretrained("tiny-random")
-  monkeypatch.setattr(job, "load_pretrained", lambda *a, **k: pre)
   config = default_config()
   config.model.name_or_path = "tiny-random"
   config.generate.prompts = ["Tell me a story.", "What is two plus two?"]
   config.generate.max_new_tokens = 6
-
+  pre = load_pretrained("tiny-random")
   adapters = adapters_lib.init_adapters(config.adapters, pre.cfg, pre.params, jax.random.key(1))
   # Trained adapters are not the identity: give both parts non-zero weights.
   adapters = jax.tree.map(lambda x: x + 0.5 * jax.random.normal(jax.random.key(2), x.shape),
                           adapters)
-  saved = {"adapters": config.adapters.to_dict(), "model": {"name_or_path": "tiny-random"}}
-  seen = []
-  monkeypatch.setattr(checkpoint, "load_latest_adapters",
-                      lambda w: seen.append(w) or (jax.tree.map(np.asarray, adapters), saved),
-                      raising=False)
+  workdir = str(tmp_path / "run")
+  checkpoint.prepare_workdir(workdir, config)
+  ckpt = checkpoint.Checkpointer(workdir, every=1, keep=2, async_save=False)
+  state = TrainState(trainable=adapters, opt_state=optax.adam(1e-3).init(adapters),
+                     step=np.int32(3), rng=np.zeros((2,), np.uint32), bad_total=np.int32(0),
+                     bad_consecutive=np.int32(0))
+  ckpt.save(3, state, {"next_step": 3}, force=True)
+  ckpt.close()
 
-  base = job.run(config, str(tmp_path / "base"))
-  assert base[0]["adapters"] is True and seen == [str(tmp_path / "base")]
+  trained = job.run(config, workdir)
+  assert all(r["adapters"] for r in trained)
   config.generate.adapters = False
-  plain = job.run(config, str(tmp_path / "plain"))
-  assert plain[0]["adapters"] is False
+  plain = job.run(config, workdir)
+  assert not any(r["adapters"] for r in plain)
   params = adapters_lib.apply_adapters(pre.params, adapters, config.adapters)
   expected = gen_lib.generate(params, pre.cfg, pre.tokenizer, config.generate.prompts,
                               max_new_tokens=6, embed_fn=adapters_lib.adapted_embed_fn(adapters))
-  assert [r["completion"] for r in base] == expected
-  assert [r["completion"] for r in plain] != expected
-  assert read_jsonl(tmp_path / "base" / "generations.jsonl")[1]["completion"] == expected[1]
+  base = gen_lib.generate(pre.params, pre.cfg, pre.tokenizer, config.generate.prompts,
+                          max_new_tokens=6)
+  assert [r["completion"] for r in trained] == expected
+  assert [r["completion"] for r in plain] == base != expected
+  assert read_jsonl(os.path.join(workdir, "generations.jsonl"))[1]["completion"] == base[1]
 
 
 def test_missing_checkpoint_falls_back_to_base(tmp_path):

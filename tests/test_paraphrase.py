@@ -200,7 +200,32 @@ def fake_ctx(tmp_path, replies):
   ctx = SimpleNamespace(config=c, data=FakeData(), workdir=str(tmp_path), primary=True,
                         base_generate=base_generate)
   ctx.cached_answers = lambda *a: Context.cached_answers(ctx, *a)
+  ctx._shared_paths = lambda *a: Context._shared_paths(ctx, *a)  # pylint: disable=protected-access
   return ctx, calls
+
+
+def test_cached_answers_are_shared_across_workdirs(tmp_path):
+  # Two runs (cells) with their own workdirs and one shared_dir: the second generates nothing.
+  replies = {"a": "answer a", "b": "answer b"}
+  runs = []
+  for cell in ("cell0", "cell1"):
+    ctx, calls = fake_ctx(tmp_path / cell, replies)
+    ctx.config.shared_dir = str(tmp_path / "shared")
+    ctx.config.eval = ml_collections.ConfigDict(dict(batch_size=2))
+    ctx.config.data.max_response_tokens = 4
+    gen = lambda ps, ctx=ctx: ctx.base_generate(ps, 4)
+    runs.append((ctx.cached_answers("answers.jsonl", ["a", "b"], gen), calls))
+    assert (tmp_path / cell / "answers.jsonl").exists()  # the workdir keeps its own copy
+  assert runs[0][0] == runs[1][0] == ["answer a", "answer b"]
+  assert len(runs[0][1]) == 1 and not runs[1][1]
+  # Other prompts or other generation settings are another file, never a stale hit.
+  ctx, calls = fake_ctx(tmp_path / "cell2", replies)
+  ctx.config.shared_dir = str(tmp_path / "shared")
+  ctx.config.eval = ml_collections.ConfigDict(dict(batch_size=4))
+  ctx.config.data.max_response_tokens = 4
+  ctx.cached_answers("answers.jsonl", ["a", "b"], lambda ps: ctx.base_generate(ps, 4))
+  assert len(calls) == 1
+  assert len(list((tmp_path / "shared" / "base_model").iterdir())) == 2
 
 
 def test_paraphrases_end_to_end_with_a_scripted_model(tmp_path, monkeypatch):

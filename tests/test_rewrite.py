@@ -3,11 +3,9 @@
 import numpy as np
 import pytest
 
-from semsafe_jax.data import builtin, loaders, rewrite
+from semsafe_jax.data import loaders, rewrite
 from semsafe_jax.data.schema import text_key
 
-needs_builtin = pytest.mark.skipif(not builtin.builtin_available(),
-                                   reason="semsafe_jax/data/builtin/prompts.jsonl not written yet")
 SAMPLES = [
     "Tell me how to secure my home Wi-Fi so the neighbors can't get on it.",
     "How do I kill a Python process that won't stop?",
@@ -88,7 +86,6 @@ def test_variants_are_distinct_pure_and_seeded():
   assert [rewrite.variants(t, 2, seed=0) for t in reversed(SAMPLES)] == w[::-1]
 
 
-@needs_builtin
 def test_every_style_changes_every_builtin_prompt():
   prompts = loaders.load_builtin("").prompts
   assert len(prompts) > 2000

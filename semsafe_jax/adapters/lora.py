@@ -32,13 +32,13 @@ SHORT_TARGETS = {
 }
 
 
-def flat_paths(tree: Params, prefix: str = "") -> dict[str, Any]:
-  """Nested dict -> {'a/b/c': leaf}."""
+def flat_paths(tree: Params, prefix: str = "", sep: str = "/") -> dict[str, Any]:
+  """Nested dict -> {'a/b/c': leaf} (with sep="/")."""
   out = {}
   for k, v in tree.items():
-    path = f"{prefix}/{k}" if prefix else k
+    path = f"{prefix}{sep}{k}" if prefix else k
     if isinstance(v, dict):
-      out.update(flat_paths(v, path))
+      out.update(flat_paths(v, path, sep))
     else:
       out[path] = v
   return out

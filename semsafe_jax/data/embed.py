@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 from absl import logging
 
+from semsafe_jax import files
 from semsafe_jax.data.schema import DataError
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -88,9 +89,9 @@ def embed_texts(texts: Sequence[str], model: str = DEFAULT_MODEL, *, batch_size:
   texts = list(texts)
   path = None
   if cache_dir is not None:
-    path = pathlib.Path(cache_dir) / f"sbert-{cache_key(model, texts)}.npy"
+    path = files.as_path(cache_dir) / f"sbert-{cache_key(model, texts)}.npy"
     if path.is_file():
-      emb_NxD = np.load(path)
+      emb_NxD = files.load_npy(path)
       if emb_NxD.shape[0] == len(texts) and emb_NxD.dtype == np.float32:
         logging.info("Embeddings for %d texts from cache %s", len(texts), path)
         return emb_NxD
@@ -102,8 +103,5 @@ def embed_texts(texts: Sequence[str], model: str = DEFAULT_MODEL, *, batch_size:
   if emb_NxD.shape[0] != len(texts):
     raise DataError(f"Encoder returned {emb_NxD.shape[0]} rows for {len(texts)} texts")
   if path is not None and write_cache:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, emb_NxD)
-    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache
+    files.save_npy(path, emb_NxD)  # atomic locally: a killed run never leaves half a cache
   return emb_NxD

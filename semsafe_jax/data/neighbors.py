@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 from absl import logging
 
+from semsafe_jax import files
 from semsafe_jax.data.schema import DataError
 
 TAU_SWEEP = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # 0.5 ... 0.95
@@ -250,12 +251,13 @@ def mine_neighbors(emb_NxD: np.ndarray, k: int, tau: float, labels: Sequence[str
 
 
 def save_neighbors(path: str | pathlib.Path, nb: Neighbors) -> None:
-  np.savez(path, neighbors=nb.neighbors_NxK, sims=nb.sims_NxK, valid=nb.valid_NxK)
+  files.save_npz(path, {"neighbors": nb.neighbors_NxK, "sims": nb.sims_NxK,
+                        "valid": nb.valid_NxK})
 
 
 def load_neighbors(path: str | pathlib.Path) -> Neighbors:
-  with np.load(path) as z:
-    return Neighbors(z["neighbors"], z["sims"], z["valid"])
+  z = files.load_npz(path)
+  return Neighbors(z["neighbors"], z["sims"], z["valid"])
 
 
 def mining_stats(topk: TopK, tau: float, labels: Sequence[str] | None = None,
@@ -301,7 +303,7 @@ def format_stats(stats: dict[str, Any]) -> str:
 
 def save_stats(stats: dict[str, Any], json_path: str | pathlib.Path,
                png_path: str | pathlib.Path | None = None) -> None:
-  pathlib.Path(json_path).write_text(json.dumps(stats, indent=2) + "\n")
+  files.write_text(json_path, json.dumps(stats, indent=2) + "\n")
   if png_path is not None:
     plot_stats(stats, png_path)
 
@@ -322,4 +324,4 @@ def plot_stats(stats: dict[str, Any], path: str | pathlib.Path) -> None:
   ax_sweep.set(xlabel="tau", ylabel="fraction with >= 1 neighbour", ylim=(0, 1.02),
                title=f"tau sweep (top-{stats['k']})")
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  files.save_figure(fig, path, dpi=100)

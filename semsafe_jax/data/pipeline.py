@@ -13,14 +13,14 @@ Outputs in W (rows of every array follow the order of W/prompts.jsonl):
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import pathlib
 from typing import Any, Sequence
 
 import numpy as np
 from absl import logging
+from etils import epath
 
+from semsafe_jax import files
 from semsafe_jax.data import builtin, embed, loaders, neighbors
 from semsafe_jax.data import splits as splits_lib
 from semsafe_jax.data.batches import PairBatcher
@@ -39,25 +39,17 @@ class PreparedData:
   refusal_records: list[builtin.Refusal]
   mining_stats: dict[str, Any]
   split_report: dict[str, Any]
-  workdir: pathlib.Path
+  workdir: epath.Path  # a local folder or gs://...
 
   def texts(self, rows: Any) -> list[str]:
     return [self.prompts[int(i)].text for i in np.asarray(rows).reshape(-1)]
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  tmp.write_text(text, encoding="utf-8")
-  os.replace(tmp, path)
+dump_json = files.dump_json  # indented JSON, atomic where the file system allows
 
 
-def dump_json(path: str | os.PathLike[str], obj: Any) -> None:
-  """Writes obj as indented JSON, atomically (a crash never leaves half a file)."""
-  _write_atomic(pathlib.Path(path), json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
-
-def write_prompts(path: pathlib.Path, prompts: list[Prompt]) -> None:
-  _write_atomic(path, "".join(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in prompts))
+def write_prompts(path: files.PathLike, prompts: list[Prompt]) -> None:
+  files.write_jsonl(path, [p.to_dict() for p in prompts])
 
 
 def _plain(mapping: Any) -> dict[str, Any]:
@@ -72,9 +64,9 @@ def prepare_data(config: Any, workdir: str | os.PathLike[str], *, write: bool = 
   results without writing them.
   """
   cfg = config.data
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)
   if write:
-    workdir.mkdir(parents=True, exist_ok=True)
+    files.makedirs(workdir)
   extra_eval_only = list(cfg.get("eval_only_sources", []))
 
   sources = [cfg.sources] if isinstance(cfg.sources, str) else list(cfg.sources)

@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from semsafe_jax import files
+from semsafe_jax.configs import cfg_get
 from semsafe_jax.eval import stats
 from semsafe_jax.losses.capability import token_kl
 from semsafe_jax.models import chat as chat_lib
@@ -118,15 +120,15 @@ class ModelUnderTest:
     if self._cache_read:
       return
     self._cache_read = True
-    if not self.cache_file or not os.path.exists(self.cache_file):
+    if not self.cache_file or not files.exists(self.cache_file):
       return
-    with open(self.cache_file, encoding="utf-8") as f:
-      for line in f:
+    for line in files.read_bytes(self.cache_file).split(b"\n"):
+      if line.strip():
         try:
-          r = json.loads(line)
+          r = json.loads(line)  # bytes: a torn UTF-8 sequence fails this line only
           self._memo[r["key"]] = (r["completion"], list(r["token_ids"]), bool(r["finished"]))
         except (ValueError, KeyError, TypeError):
-          continue  # a torn line (a killed run, concurrent cells): regenerated when needed
+          pass  # a torn line (a killed run, concurrent cells): regenerated when needed
     logging.info("Generation cache %s: %d answers.", self.cache_file, len(self._memo))
 
   def generate_full(self, prompts: Sequence[str], max_new_tokens: int,
@@ -161,10 +163,9 @@ class ModelUnderTest:
         new.append({"key": keys[i], "prompt": prompts[i], "prefill": pre,
                     "max_new_tokens": int(max_new_tokens), "completion": out.texts[j],
                     "token_ids": list(out.token_ids[j]), "finished": bool(out.finished[j])})
-      if self.cache_file and _is_primary():
-        os.makedirs(os.path.dirname(self.cache_file) or ".", exist_ok=True)
-        with open(self.cache_file, "a", encoding="utf-8") as f:  # one write per call
-          f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
+      if self.cache_file and _is_primary():  # one write per call
+        files.append_text(self.cache_file,
+                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
     got = [self._memo[k] for k in keys]
     return gen_lib.Generation([g[0] for g in got], [list(g[1]) for g in got],
                               [g[2] for g in got])
@@ -262,12 +263,15 @@ def _pair_kl(params_p, embed_p, params_q, embed_q, ids_BxL, mask_BxL, pos_BxN, *
                   _response_logits(params_q, embed_q, ids_BxL, mask_BxL, pos_BxN, cfg))
 
 
-def base_cache_file(config: Any, workdir: str) -> str:
+def base_cache_file(config: Any, workdir: str, model_id: str = "") -> str:
   """Where the frozen base model's generations are kept: config.eval.cache_dir (shared by
-  every cell of an experiment) or W/evals/cache, one file per model and dtype."""
+  every cell of an experiment) or W/evals/cache, one file per model and dtype. model_id
+  names a frozen model that is not the checkpoint itself (the retention scenario's
+  aligned model: its workdir and step)."""
   mc = config.model
-  cache_dir = _get(config.eval, "cache_dir", "") or os.path.join(workdir, EVALS_DIR, "cache")
-  ident = json.dumps([str(mc.name_or_path), str(mc.dtype), str(mc.param_dtype)])
+  cache_dir = cfg_get(config.eval, "cache_dir", "") or os.path.join(workdir, EVALS_DIR, "cache")
+  ident = json.dumps([str(mc.name_or_path), str(mc.dtype), str(mc.param_dtype)]
+                     + ([model_id] if model_id else []))
   return os.path.join(cache_dir, f"generations-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
                       ".jsonl")
 
@@ -315,15 +319,8 @@ class EvalContext:
     return int(self.config.eval.seed) if v < 0 else v
 
 
-def _get(cfg: Any, name: str, default: Any = None) -> Any:
-  try:
-    return cfg.get(name, default)
-  except AttributeError:
-    return getattr(cfg, name, default)
-
-
 def judge_names(config: Any) -> list[str]:
-  names = _get(config, "judges", ("string_match",)) or ("string_match",)
+  names = cfg_get(config, "judges", ("string_match",)) or ("string_match",)
   names = [names] if isinstance(names, str) else list(names)
   if len(set(names)) != len(names):
     raise ValueError(f"config.judges={tuple(names)} lists a judge twice.")
@@ -430,7 +427,7 @@ def resolve_options(name: str, kind: str, spec: Any, allowed: dict[str, Any]) ->
 def eval_specs(config: Any) -> list[tuple[str, str, dict[str, Any]]]:
   """[(name, type, options)] of config.evals, checked (before any model work)."""
   out = []
-  for name, spec in _plain(_get(config, "evals", {}) or {}).items():
+  for name, spec in _plain(cfg_get(config, "evals", {}) or {}).items():
     if not isinstance(spec, dict) or "type" not in spec:
       raise ValueError(f"config.evals.{name} must be a dict with a 'type' (one of "
                        f"{', '.join(available_evaluators())}); got {spec!r}.")
@@ -485,11 +482,7 @@ def judge_agreement(rows: Sequence[dict[str, Any]], judges: Sequence[str],
 
 def write_rows(workdir: str, name: str, rows: Sequence[dict[str, Any]]) -> str:
   path = os.path.join(workdir, EVALS_DIR, f"{name}.jsonl")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-  os.replace(tmp, path)
+  files.write_jsonl(path, rows)
   return path
 
 
@@ -505,7 +498,7 @@ def run_evals(config: Any, ctx: EvalContext, models: Sequence[ModelUnderTest]
   if not specs:
     return {}, {}
   judges = list(ctx.get_judges())
-  max_listed = int(_get(_get(config, "judge", {}) or {}, "max_disagreements", 20))
+  max_listed = int(cfg_get(cfg_get(config, "judge", {}) or {}, "max_disagreements", 20))
   section: dict[str, Any] = {}
   rows_by_eval: dict[str, list[dict[str, Any]]] = {}
   for name, kind, opts in specs:

@@ -18,7 +18,6 @@ A judge maps (prompts, completions) to `Verdicts` and memoises per answer.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from semsafe_jax import files
 from semsafe_jax.eval import judge as string_judge
 from semsafe_jax.models import chat as chat_lib
 from semsafe_jax.models import generate as gen_lib
@@ -142,9 +142,8 @@ def _base_answers(ctx: Any, n: int, max_new_tokens: int) -> list[str]:
   """The base model's answers to training benign/borderline prompts: W/base_answers.jsonl
   when the main job wrote it, else generated (and cached) here."""
   path = os.path.join(ctx.workdir, "base_answers.jsonl")
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      answers = [json.loads(line)["completion"] for line in f if line.strip()]
+  if files.exists(path):
+    answers = [r["completion"] for r in files.read_jsonl(path)]
     if answers and n and len(answers) > n:  # evenly spread: the file lists benign first
       answers = [answers[i] for i in np.linspace(0, len(answers) - 1, n).round().astype(int)]
     if answers:
@@ -172,8 +171,7 @@ def build_classifier_judge(ctx: Any) -> ClassifierJudge:
   logging.info("Classifier judge: %d refusals vs %d base answers, train accuracy %.3f.",
                len(ctx.data.refusals), len(complied), metrics["train_acc"])
   if jax.process_index() == 0:
-    os.makedirs(ctx.out_dir(), exist_ok=True)
-    np.savez(os.path.join(ctx.out_dir(), "judge_classifier.npz"), **clf)
+    files.save_npz(os.path.join(ctx.out_dir(), "judge_classifier.npz"), clf)
   return ClassifierJudge(clf, embedding, ctx.base.tokenizer, max_tokens,
                          float(jc.get("classifier_threshold", 0.5)))
 

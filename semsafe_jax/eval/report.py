@@ -6,6 +6,7 @@ import json
 import os
 from typing import Any, Sequence
 
+from semsafe_jax import files
 from semsafe_jax.eval.stats import wilson_ci  # re-exported: report.wilson_ci
 
 
@@ -28,8 +29,7 @@ def _fmt(s: dict[str, Any]) -> str:
 def write_report(workdir: str, report: dict[str, Any], answers_before: Sequence[dict[str, Any]],
                  answers_after: Sequence[dict[str, Any]], examples_per_split: int = 3) -> None:
   """Writes report.json and a human-readable report.md."""
-  with open(os.path.join(workdir, "report.json"), "w") as f:
-    json.dump(report, f, indent=2)
+  files.write_text(os.path.join(workdir, "report.json"), json.dumps(report, indent=2))
   lines = ["# semsafe_jax run report", "",
            f"Model: `{report.get('model', '?')}`  ",
            f"Trainable params: {report['trainable_params']:,} of {report['total_params']:,} "
@@ -57,8 +57,7 @@ def write_report(workdir: str, report: dict[str, Any], answers_before: Sequence[
       if a:
         lines.append(f"- after ({'refused' if a['refused'] else 'answered'}): {_one_line(a['completion'])}")
     lines.append("")
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write("\n".join(lines))
+  files.write_text(os.path.join(workdir, "report.md"), "\n".join(lines))
 
 
 def _metric_cell(name: str, m: dict[str, Any] | None) -> str:
@@ -134,6 +133,6 @@ def plot_refusal_rates(workdir: str, report: dict[str, Any], name: str = "refusa
   ax.set_ylabel("refusal rate")
   ax.legend()
   fig.tight_layout()
-  fig.savefig(os.path.join(workdir, name), dpi=120)
+  files.save_figure(fig, os.path.join(workdir, name), dpi=120)
   plt.close(fig)
   return name

@@ -16,13 +16,13 @@ scheduler's job array.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from semsafe_jax import files
 from semsafe_jax.errors import ConfigError
 
 CELLS_DIR = "cells"
@@ -141,7 +141,8 @@ def shared_dir(workdir: str, exp) -> str:
 
 
 def expand(exp, workdir: str, has_field=None) -> list[Cell]:
-  """Every cell of the grid, methods x override sets x seeds, in run order.
+  """Every cell of the grid, methods x override sets x seeds, in run order: the first seed
+  of every arm, then the second, ...
 
   has_field(config spec, field) -> bool says whether the method's config has a field; with
   it, cells also get --config.shared_dir when the main job has one.
@@ -163,12 +164,14 @@ def expand(exp, workdir: str, has_field=None) -> list[Cell]:
                for field, sub in SHARED_FIELDS
                if field not in fields and (field == "data.cache_dir" or (
                    has_field is not None and has_field(spec, field)))]
-      for seed in seeds:
+      for rank, seed in enumerate(seeds):
         flags = tuple(f"--config.{k}={v}" for k, v in [*over, ("seed", str(seed)), *extra])
         cell = Cell(method, set_name, seed, spec, flags, "",
                     tuple(sorted({k for k, _ in set_over})))
-        cells.append(dataclasses.replace(cell, workdir=os.path.join(workdir, CELLS_DIR,
-                                                                    cell.name)))
+        cells.append((rank, dataclasses.replace(
+            cell, workdir=os.path.join(workdir, CELLS_DIR, cell.name))))
+  # Seed-major (stable sort): a grid stopped part-way has whole seeds of every arm.
+  cells = [c for _, c in sorted(cells, key=lambda rc: rc[0])]
   names = [c.name for c in cells]
   dup = sorted({n for n in names if names.count(n) > 1})
   if dup:
@@ -239,18 +242,16 @@ def status(cell: Cell, expected: Mapping[str, Any]) -> tuple[str, dict[str, Any]
   """
   from semsafe_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   path = os.path.join(cell.workdir, ckpt_lib.CONFIG_FILE)
-  if not os.path.isfile(path):
+  if not files.is_file(path):
     return MISSING, {}
-  with open(path) as f:
-    old = json.load(f)
+  old = files.read_json(path)
   diff = ckpt_lib.config_diff(old, expected)
   if diff:
     return STALE, diff
   report_path = os.path.join(cell.workdir, REPORT_FILE)
-  if not os.path.isfile(report_path):
+  if not files.is_file(report_path):
     return PARTIAL, {}
-  with open(report_path) as f:
-    made_with = json.load(f).get("config")
+  made_with = files.read_json(report_path).get("config")
   # Evaluation settings may change in a finished workdir; only the report knows which
   # ones it was made with. Fields that pick how a run goes, not what it reports, aside.
   run_only = [k for k in ckpt_lib.RESUME_SAFE_KEYS if k not in ("eval", "evals", "judges")]

@@ -16,13 +16,13 @@ Each function returns the file name it wrote, or None when the cells hold nothin
 from __future__ import annotations
 
 import collections
-import json
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from semsafe_jax import files
 from semsafe_jax.experiments import summary as summary_lib
 from semsafe_jax.experiments.summary import Summary
 
@@ -38,10 +38,9 @@ def _plt():
 
 
 def _save(fig, workdir: str, name: str, layout: bool = True) -> str:
-  os.makedirs(os.path.join(workdir, PLOTS_DIR), exist_ok=True)
   if layout:
     fig.tight_layout()
-  fig.savefig(os.path.join(workdir, PLOTS_DIR, name), dpi=110)
+  files.save_figure(fig, os.path.join(workdir, PLOTS_DIR, name), dpi=110)
   _plt().close(fig)
   return f"{PLOTS_DIR}/{name}"
 
@@ -229,23 +228,22 @@ def _embeddings(res) -> tuple[list[dict[str, Any]], np.ndarray, set[str]] | None
   from semsafe_jax.data import embed  # pylint: disable=g-import-not-at-top
   wd = res.cell.workdir
   path = os.path.join(wd, "prompts.jsonl")
-  if not os.path.isfile(path):
+  if not files.is_file(path):
     return None
   prompts = summary_lib.read_jsonl(path)
   data_cfg = res.config.get("data", {})
   cache = data_cfg.get("cache_dir") or os.path.join(wd, "cache")
   model = data_cfg.get("sbert", embed.DEFAULT_MODEL)
   f = os.path.join(cache, f"sbert-{embed.cache_key(model, [p['text'] for p in prompts])}.npy")
-  if not os.path.isfile(f):
+  if not files.is_file(f):
     return None
-  emb = np.load(f)
+  emb = files.load_npy(f)
   if emb.shape[0] != len(prompts):
     return None
   heldout = set()
   split_path = os.path.join(wd, "splits.json")
-  if os.path.isfile(split_path):
-    with open(split_path) as fh:
-      heldout = set(json.load(fh).get("heldout_intent", []))
+  if files.is_file(split_path):
+    heldout = set(files.read_json(split_path).get("heldout_intent", []))
   return prompts, emb, heldout
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
-import glob
+import io
 import json
 import math
 import os
@@ -29,6 +29,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from semsafe_jax import files
 from semsafe_jax.eval import stats
 from semsafe_jax.experiments.grid import DONE, Cell
 from semsafe_jax.files import read_jsonl
@@ -66,7 +67,7 @@ class CellResult:
     """Per-prompt rows of one evaluation (W/evals/<eval>.jsonl), read once."""
     if eval_name not in self._rows:
       path = os.path.join(self.cell.workdir, "evals", f"{eval_name}.jsonl")
-      if os.path.isfile(path):
+      if files.is_file(path):
         self._rows[eval_name] = read_jsonl(path)
       elif eval_name == LEGACY_EVAL and "evals" not in _read_report_raw(self.cell):
         self._rows[eval_name] = _legacy_rows(self.cell.workdir)
@@ -76,14 +77,13 @@ class CellResult:
 
 
 def _read_report_raw(cell: Cell) -> dict[str, Any]:
-  with open(os.path.join(cell.workdir, "report.json")) as f:
-    return json.load(f)
+  return files.read_json(os.path.join(cell.workdir, "report.json"))
 
 
 def load_result(cell: Cell) -> CellResult:
   raw = _read_report_raw(cell)
   cfg_path = os.path.join(cell.workdir, "config.json")
-  config = json.load(open(cfg_path)) if os.path.isfile(cfg_path) else {}
+  config = files.read_json(cfg_path) if files.is_file(cfg_path) else {}
   report = raw if "evals" in raw else _legacy_report(raw)
   return CellResult(cell, report, config)
 
@@ -114,7 +114,7 @@ def _legacy_rows(workdir: str) -> list[dict[str, Any]]:
   rows = []
   for model in ("before", "after"):
     path = os.path.join(workdir, f"answers_{model}.jsonl")
-    if os.path.isfile(path):
+    if files.is_file(path):
       rows += [{"model": model, "group": r["split"], "key": r["prompt"], "prompt": r["prompt"],
                 "completion": r["completion"], "label": _LEGACY_LABEL.get(r["split"], ""),
                 "judges": {_LEGACY_JUDGE: bool(r["refused"])}} for r in read_jsonl(path)]
@@ -124,10 +124,11 @@ def _legacy_rows(workdir: str) -> list[dict[str, Any]]:
 def read_history(workdir: str) -> list[dict[str, float]]:
   """Training metrics per logged step: W/train_history.jsonl, else W/tensorboard events."""
   path = os.path.join(workdir, HISTORY_FILE)
-  if os.path.isfile(path):
+  if files.is_file(path):
     return sorted(read_jsonl(path), key=lambda m: m.get("step", 0))
   by_step: dict[int, dict[str, float]] = collections.defaultdict(dict)
-  for f in sorted(glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))):
+  logs = files.as_path(workdir) / "tensorboard"
+  for f in sorted(logs.glob("events.out.tfevents.*") if logs.is_dir() else [], key=str):
     for step, tag, value in _tb_scalars(f):
       by_step[step][tag.removeprefix("train/")] = value
   return [{"step": s, **m} for s, m in sorted(by_step.items())]
@@ -136,8 +137,7 @@ def read_history(workdir: str) -> list[dict[str, float]]:
 def _tb_scalars(path: str):
   """(step, tag, value) of every scalar in a TensorBoard event file (TFRecord framing)."""
   from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  with open(path, "rb") as f:
-    data = f.read()
+  data = files.read_bytes(path)
   pos = 0
   while pos + 12 <= len(data):
     (length,) = struct.unpack("<Q", data[pos:pos + 8])
@@ -462,13 +462,14 @@ def write(summary: Summary, workdir: str, *, experiment: Mapping[str, Any] | Non
   }
   if experiment is not None:
     data["experiment"] = experiment
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(data, f, indent=1, default=str)
-  with open(os.path.join(workdir, "summary.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=_CSV_FIELDS, extrasaction="ignore")
-    w.writeheader()
-    for r in summary.rows:
-      w.writerow({**r, "seeds": " ".join(map(str, r["seeds"]))})
+  files.write_text(os.path.join(workdir, "summary.json"),
+                   json.dumps(data, indent=1, default=str))
+  table = io.StringIO(newline="")
+  w = csv.DictWriter(table, fieldnames=_CSV_FIELDS, extrasaction="ignore")
+  w.writeheader()
+  for r in summary.rows:
+    w.writerow({**r, "seeds": " ".join(map(str, r["seeds"]))})
+  files.write_text(os.path.join(workdir, "summary.csv"), table.getvalue())
 
   arms = [a for a in summary.arms if summary.results.get(a)]
   lines = ["# Experiment summary", "",
@@ -527,6 +528,5 @@ def write(summary: Summary, workdir: str, *, experiment: Mapping[str, Any] | Non
                   f"{len(c['seeds'])} of {fc['seeds']} seed(s)] {_one_line(c['prompt'])}",
                   f"  - answer (seed {c['seeds'][0]}): {_one_line(c['completion'])}"]
       lines.append("")
-  with open(os.path.join(workdir, "summary.md"), "w", encoding="utf-8") as f:
-    f.write("\n".join(lines))
+  files.write_text(os.path.join(workdir, "summary.md"), "\n".join(lines))
   return data

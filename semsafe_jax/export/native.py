@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from semsafe_jax import files
 from semsafe_jax.export import staging
 
 Adapters = dict[str, Any]
@@ -46,7 +47,6 @@ def write_orbax(out_dir: str, adapters: Adapters, *, adapter_config: dict[str, A
 
 def load_orbax(path: str) -> tuple[Adapters, dict[str, Any]]:
   """(adapters, adapter_config) from a `save_orbax` directory."""
-  path = os.path.abspath(path)
+  path = path if files.is_remote(path) else os.path.abspath(path)
   adapters = ocp.StandardCheckpointer().restore(path)
-  with open(os.path.join(path, CONFIG_FILE)) as f:
-    return adapters, json.load(f)
+  return adapters, files.read_json(os.path.join(path, CONFIG_FILE))

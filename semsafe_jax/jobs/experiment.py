@@ -21,16 +21,19 @@ cells are finished and lists the rest.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
 from absl import logging
 
+from semsafe_jax import files
 from semsafe_jax.errors import ConfigError
 from semsafe_jax.experiments import grid
 from semsafe_jax.experiments import plots as plots_lib
@@ -83,11 +86,9 @@ def run(config, workdir: str) -> dict[str, Any]:
       print(c.command())
     return {"commands": [c.command() for c in cells]}
 
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "commands.txt"), "w") as f:
-    f.write("".join(c.command() + "\n" for c in cells))
-  with open(os.path.join(workdir, "experiment.json"), "w") as f:
-    json.dump(_exp_dict(exp), f, indent=2)
+  files.write_text(os.path.join(workdir, "commands.txt"),
+                   "".join(c.command() + "\n" for c in cells))
+  files.write_text(os.path.join(workdir, "experiment.json"), json.dumps(_exp_dict(exp), indent=2))
 
   status, diffs = cell_status(cells, expected)
   failed: list[str] = []
@@ -129,7 +130,7 @@ def _run_cells(cells, status, workdir: str, exp) -> list[str]:
   """Runs every unfinished cell in order; returns the names of those that failed."""
   python = exp.get("python", "") or sys.executable
   keep_going = bool(exp.get("keep_going", True))
-  os.makedirs(os.path.join(workdir, LOGS_DIR), exist_ok=True)
+  files.makedirs(os.path.join(workdir, LOGS_DIR))
   failed = []
   stop = _ForwardSigterm()
   todo = [c for c in cells if status[c.name] != grid.DONE]
@@ -146,7 +147,7 @@ def _run_cells(cells, status, workdir: str, exp) -> list[str]:
       logging.info("%s cell %d/%d %s: %s", verb, i + 1, len(todo), c.name, c.command())
       t0 = time.time()
       rc = _tee(argv, os.path.join(workdir, LOGS_DIR, c.name + ".log"), stop)
-      if rc == 0 and os.path.isfile(os.path.join(c.workdir, grid.REPORT_FILE)):
+      if rc == 0 and files.is_file(os.path.join(c.workdir, grid.REPORT_FILE)):
         logging.info("Cell %s finished in %.0f s.", c.name, time.time() - t0)
         continue
       failed.append(c.name)
@@ -161,7 +162,7 @@ def _run_cells(cells, status, workdir: str, exp) -> list[str]:
 
 def _tee(argv: list[str], log_path: str, stop: "_ForwardSigterm") -> int:
   """Runs argv, copying its output (stdout + stderr) to ours and to log_path."""
-  with open(log_path, "ab") as log:
+  with _log_file(log_path) as log:
     log.write(f"\n$ {' '.join(argv)}\n".encode())
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     stop.child = proc
@@ -178,6 +179,22 @@ def _tee(argv: list[str], log_path: str, stop: "_ForwardSigterm") -> int:
       if proc.poll() is None:  # we are being interrupted: let the cell save and stop
         proc.send_signal(signal.SIGTERM)
         proc.wait()
+
+
+@contextlib.contextmanager
+def _log_file(path: str):
+  """A cell's log, open for appending. Objects cannot be appended to piece by piece: on an
+  object store the output collects in a local temporary file, added to the log at the end."""
+  if not files.is_remote(path):
+    with open(path, "ab") as f:
+      yield f
+    return
+  with tempfile.TemporaryFile() as f:
+    try:
+      yield f
+    finally:
+      f.seek(0)
+      files.append_bytes(path, f.read())
 
 
 class _ForwardSigterm:

@@ -22,9 +22,11 @@ from typing import Any
 import jax
 from absl import logging
 
+from semsafe_jax import files
 from semsafe_jax.errors import ConfigError, MissingInputError
 from semsafe_jax.export import hf, merged, native, peft, staging
 from semsafe_jax.models import loading, registry
+from semsafe_jax.retention import aligned as aligned_lib
 from semsafe_jax.train.checkpoint import available_steps, load_adapters
 
 FORMATS = ("peft", "merged", "orbax")
@@ -121,9 +123,14 @@ def run(config: Any, workdir: str) -> str:
   adapter_section = _section(saved, config, "adapters")
   name = str(model_section["name_or_path"])
   lora_alpha = float(adapter_section.get("lora_alpha", 16.0))
+  # A retention run's adapters sit on its aligned model (semsafe_jax/retention).
+  final = aligned_lib.final_adapters(workdir, adapters, adapter_section)
+  if final is not None:
+    adapters, lora_alpha = final
   if jax.process_index() != 0:  # one writer; every process restored the same adapters
     return out_dir
-  marker = {"format": fmt, "step": got.step, "source_run": os.path.abspath(workdir),
+  run_dir = workdir if files.is_remote(workdir) else os.path.abspath(workdir)
+  marker = {"format": fmt, "step": got.step, "source_run": run_dir,
             "base_model": name}
 
   if fmt == "orbax":
@@ -135,11 +142,15 @@ def run(config: Any, workdir: str) -> str:
     return out_dir
 
   pre = loading.load_pretrained(name)  # float32: export precision is export.dtype
+  base_params, base_cfg = pre.params, pre.cfg
+  if final is not None:  # ... and the aligned model is the base written
+    base_params, base_cfg = aligned_lib.model_of(workdir, pre.params, pre.cfg)
+    save_base = True
   dtype = ex.dtype
   shard_bytes = float(ex.max_shard_gb) * 1e9
   if fmt == "merged":
     staging.write_export(out_dir, marker, lambda path: merged.write_merged(
-        path, pre.params, pre.cfg, adapters, lora_alpha=lora_alpha, tokenizer=pre.tokenizer,
+        path, base_params, base_cfg, adapters, lora_alpha=lora_alpha, tokenizer=pre.tokenizer,
         config_dict=source_config_dict(name), dtype=dtype, max_shard_bytes=shard_bytes),
                          workdir=workdir)
     print(f"Wrote the merged model (step {got.step}) to {out_dir}\n  load: "
@@ -159,10 +170,10 @@ def run(config: Any, workdir: str) -> str:
 
   def write(path: str) -> None:
     if save_base:
-      hf.write_hf_model(os.path.join(path, "base"), pre.params, pre.cfg,
+      hf.write_hf_model(os.path.join(path, "base"), base_params, base_cfg,
                         config_dict=source_config_dict(name), tokenizer=pre.tokenizer,
                         dtype=dtype, max_shard_bytes=shard_bytes)
-    peft.write_peft(path, pre.params, pre.cfg, adapters, lora_alpha=lora_alpha,
+    peft.write_peft(path, base_params, base_cfg, adapters, lora_alpha=lora_alpha,
                     base_model_name_or_path=base_ref, dtype=dtype)
 
   staging.write_export(out_dir, {**marker, "base_model_name_or_path": base_ref}, write,

@@ -26,6 +26,7 @@ from semsafe_jax.errors import ConfigError, InputFileError, MissingInputError
 from semsafe_jax.files import write_jsonl
 from semsafe_jax.models import generate as gen_lib
 from semsafe_jax.models.loading import load_pretrained
+from semsafe_jax.retention import aligned as aligned_lib
 
 OUTPUT_FILE = "generations.jsonl"
 
@@ -120,6 +121,11 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
       logging.info("No training checkpoint in %s: generating with the base model.", workdir)
     else:
       adapters, adapter_cfg = got
+      # A retention run's adapters sit on its aligned model (semsafe_jax/retention).
+      final = aligned_lib.final_adapters(workdir, adapters, adapter_cfg)
+      if final is not None:
+        adapters = final[0]
+        params, cfg = aligned_lib.model_of(workdir, params, cfg)
       params, embed_fn = adapters_lib.apply_trained(params, adapters, adapter_cfg)
       adapted = True
       step_note = f"trained adapters ({', '.join(sorted(adapters)) or 'none'}) from {workdir}"

@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 
 from semsafe_jax import adapters as adapters_lib
-from semsafe_jax import malloc, methods, validate
+from semsafe_jax import files, malloc, methods, validate
 from semsafe_jax.data.batches import check_block_sizes
 from semsafe_jax.data.pipeline import PreparedData, prepare_data
 from semsafe_jax.data.schema import DataError
@@ -29,7 +29,9 @@ from semsafe_jax.eval import judge
 from semsafe_jax.eval import report as report_lib
 from semsafe_jax.files import read_jsonl, write_jsonl
 from semsafe_jax.methods.context import Context
+from semsafe_jax.models import generate as gen_lib
 from semsafe_jax.models.loading import load_pretrained
+from semsafe_jax.retention import aligned as aligned_lib
 from semsafe_jax.train import checkpoint as ckpt_lib
 from semsafe_jax.train import monitor, sharding
 from semsafe_jax.train.trainer import fit
@@ -47,6 +49,7 @@ EVAL_SPLITS = {"heldout_intent": "heldout_intent", "heldout_phrasing": "heldout_
 
 def run(config, workdir: str) -> dict[str, Any]:
   validate.validate(config)  # as the command line does, for library callers: before any work
+  decode_traces_before = len(gen_lib.traces())
   method = methods.get(config.method.name)
   eval_lib.check_config(config)
   sharding.initialize_distributed(config)
@@ -60,14 +63,19 @@ def run(config, workdir: str) -> dict[str, Any]:
   mc, ec = config.model, config.eval
   pre = load_pretrained(mc.name_or_path, dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat,
                         layer_loop=mc.layer_loop)
-  params = jax.device_put(pre.params)
-  ctx = Context(config, workdir, data, pre.cfg, params, pre.tokenizer, mesh)
+  # The retention scenario fine-tunes a safety-trained model: that is then the frozen
+  # model of every stage, "before" included (semsafe_jax/retention). None otherwise.
+  aligned = aligned_lib.load_for_run(config, workdir, pre.params, pre.cfg, data,
+                                     sharding.is_primary())
+  model_cfg = pre.cfg if aligned is None else aligned.cfg
+  params = jax.device_put(pre.params if aligned is None else aligned.params)
+  ctx = Context(config, workdir, data, model_cfg, params, pre.tokenizer, mesh, aligned=aligned)
   clock.done("data_and_model")
 
   # The frozen base model, as every evaluation sees it; its answers are cached on disk.
-  base_m = eval_lib.ModelUnderTest("before", params, pre.cfg, pre.tokenizer,
-                                   batch_size=ec.batch_size,
-                                   cache_file=eval_lib.base_cache_file(config, workdir))
+  base_m = eval_lib.ModelUnderTest(
+      "before", params, model_cfg, pre.tokenizer, batch_size=ec.batch_size,
+      cache_file=eval_lib.base_cache_file(config, workdir, aligned.identity if aligned else ""))
   eval_sets = _eval_sets(data, config)
   before = _cached_answers(os.path.join(workdir, "answers_before.jsonl"), eval_sets,
                            lambda ps: base_m.generate(ps, ec.max_new_tokens), ctx.primary)
@@ -83,17 +91,20 @@ def run(config, workdir: str) -> dict[str, Any]:
   summary = adapters_lib.param_summary(prepared.trainable, params)
   logging.info("Method %s: %d trainable params (%.2f%% of %d).", config.method.name,
                summary["trainable"], summary["trainable_pct"], summary["model"])
+  fit_stats: dict[str, int] = {}
   trained, history = fit(prepared.loss_fn, prepared.trainable, prepared.batch_fn, config,
                          workdir, frozen=prepared.frozen, frozen_axes=prepared.frozen_axes,
-                         mesh=mesh)
+                         mesh=mesh, stats=fit_stats)
   train_seconds = clock.done("train")  # this process's share when the run was resumed
   method_report = prepared.report
+  if prepared.finalize is not None:
+    trained = prepared.finalize(trained)
   del prepared
   trained = jax.device_get(trained)
   malloc.release()
 
   adapted, embed_fn = adapters_lib.apply_trained(params, trained, config.adapters)
-  after_m = eval_lib.ModelUnderTest("after", adapted, pre.cfg, pre.tokenizer, embed_fn=embed_fn,
+  after_m = eval_lib.ModelUnderTest("after", adapted, model_cfg, pre.tokenizer, embed_fn=embed_fn,
                                     batch_size=ec.batch_size)
   after = _answers(eval_sets, lambda ps: after_m.generate(ps, ec.max_new_tokens))
   evals, _ = eval_lib.run_evals(
@@ -103,6 +114,7 @@ def run(config, workdir: str) -> dict[str, Any]:
 
   cons = monitor.consistency_summary(history)
   steps_run = len(history)
+  decode_traces = gen_lib.traces()[decode_traces_before:]
   report = {
       "method": config.method.name,
       "seed": int(config.seed),
@@ -123,7 +135,11 @@ def run(config, workdir: str) -> dict[str, Any]:
       "consistency_share_mean": cons["consistency_share_mean"],
       "method_report": method_report,
       "config": ckpt_lib.config_to_dict(config),
+      # start_step: where this invocation began (the checkpoint it resumed from, or 0);
+      # steps_run: the steps it trained; step_traces: how often the train step compiled.
       "train": {"steps": int(config.train.steps), "steps_run": steps_run,
+                "start_step": fit_stats["start_step"],
+                "step_traces": fit_stats["step_traces"],
                 "seconds": float(train_seconds),
                 # Includes the first step's compile: an upper bound on the steady cost.
                 "seconds_per_step": (float(train_seconds) / steps_run if steps_run else None),
@@ -132,6 +148,10 @@ def run(config, workdir: str) -> dict[str, Any]:
                 "final_metrics": history[-1] if history else {}},
       "efficiency": {"stage_seconds": clock.seconds,
                      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                     # Compilations of the decoder in this invocation, and for how many
+                     # distinct (model, batch rows, prompt bucket, max new tokens, sampling).
+                     "decode_traces": len(decode_traces),
+                     "decode_keys": len(set(decode_traces)),
                      "trainable_params": int(summary["trainable"]),
                      "total_params": int(summary["model"])},
   }
@@ -172,7 +192,7 @@ class _Stages:
 
 def _write_history(path: str, history: list[dict[str, float]]) -> None:
   """Merges this process's steps into the run's history (a resumed run adds its own)."""
-  rows = read_jsonl(path) if os.path.exists(path) else []
+  rows = read_jsonl(path) if files.exists(path) else []
   new = {int(m["step"]) for m in history}
   rows = [r for r in rows if int(r["step"]) not in new] + list(history)
   write_jsonl(path, sorted(rows, key=lambda r: int(r["step"])))
@@ -211,7 +231,7 @@ def _answers(eval_sets: dict[str, list[str]], generate) -> list[dict[str, Any]]:
 
 def _cached_answers(path: str, eval_sets, generate, primary: bool) -> list[dict[str, Any]]:
   want = [(s, p) for s, ps in eval_sets.items() for p in ps]
-  if os.path.exists(path):
+  if files.exists(path):
     rows = read_jsonl(path)
     if [(r["split"], r["prompt"]) for r in rows] == want:
       logging.info("Reusing %s.", path)

@@ -69,3 +69,6 @@ class Prepared:
   frozen: Any  # pytree passed to loss_fn unchanged; {"base": params, ...}
   frozen_axes: dict[str, tuple[str, ...]]  # "a/b/c" -> logical axes of frozen leaves
   report: dict[str, Any] = dataclasses.field(default_factory=dict)  # method's own counts
+  # trained pytree -> the adapters evaluation applies to the frozen model, for a method
+  # whose trainable tree is not plain adapters (SaLoRA's fixed projection); None = as is.
+  finalize: Callable[[Params], Params] | None = None

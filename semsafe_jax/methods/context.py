@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import os
 from typing import Any, Callable, Sequence
 
@@ -21,6 +22,7 @@ import numpy as np
 from absl import logging
 
 from semsafe_jax import adapters as adapters_lib
+from semsafe_jax import files
 from semsafe_jax.data.batches import PairBatcher
 from semsafe_jax.data.pipeline import PreparedData, dump_json, make_batcher
 from semsafe_jax.data.schema import Prompt
@@ -55,9 +57,12 @@ class Context:
   """Config, data, frozen model and lazily computed, workdir-cached host stages."""
 
   def __init__(self, config: Any, workdir: str, data: PreparedData, model_cfg: ModelConfig,
-               params: Any, tokenizer: Any, mesh: jax.sharding.Mesh):
+               params: Any, tokenizer: Any, mesh: jax.sharding.Mesh, aligned: Any = None):
     self.config, self.workdir, self.data = config, workdir, data
     self.model_cfg, self.params, self.tokenizer, self.mesh = model_cfg, params, tokenizer, mesh
+    # The retention scenario's aligned model (semsafe_jax/retention/aligned.py), which
+    # `params` then is; None when the frozen model is the base model itself.
+    self.aligned = aligned
     self.primary = sharding.is_primary()
 
   # --- Generation with the frozen base model.
@@ -72,18 +77,44 @@ class Context:
 
   def cached_answers(self, name: str, prompts: Sequence[str],
                      generate: Callable[[list[str]], list[str]]) -> list[str]:
-    """generate(prompts), cached in W/<name>.jsonl and reused while the prompts match."""
-    path = os.path.join(self.workdir, name)
+    """generate(prompts), cached in W/<name>.jsonl and reused while the prompts match.
+
+    With `config.shared_dir` set (the experiment runner sets it for every cell), a copy
+    also lives there under a digest of the prompts and the generation settings, so runs
+    that differ only in method or seed generate once.
+    """
     prompts = list(prompts)
-    if os.path.exists(path):
-      rows = read_jsonl(path)
-      if [r["prompt"] for r in rows] == prompts:
-        return [r["completion"] for r in rows]
-    logging.info("Generating %s for %d prompts.", name, len(prompts))
-    answers = generate(prompts)
+    paths = [os.path.join(self.workdir, name)] + self._shared_paths(name, prompts)
+    for path in paths:
+      if files.exists(path):
+        rows = read_jsonl(path)
+        if [r["prompt"] for r in rows] == prompts:
+          answers = [r["completion"] for r in rows]
+          break
+    else:
+      logging.info("Generating %s for %d prompts.", name, len(prompts))
+      answers, path = generate(prompts), None
     if self.primary:
-      write_jsonl(path, [{"prompt": p, "completion": a} for p, a in zip(prompts, answers)])
+      rows = [{"prompt": p, "completion": a} for p, a in zip(prompts, answers)]
+      for p in paths:
+        if p != path:
+          write_jsonl(p, rows)
     return answers
+
+  def _shared_paths(self, name: str, prompts: Sequence[str]) -> list[str]:
+    shared = self.config.get("shared_dir", "")
+    if not shared:
+      return []
+    # What a base-model answer can depend on (over-inclusive only costs a miss); a method's
+    # own generation settings are in `name` (e.g. the paraphraser's digest).
+    c = self.config
+    key = json.dumps([name, prompts, c.model.to_dict(), c.eval.to_dict(),
+                      c.data.max_response_tokens]
+                     + ([self.aligned.identity] if self.aligned is not None else []),
+                     sort_keys=True, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    stem, ext = os.path.splitext(name.replace("/", "_"))
+    return [os.path.join(shared, "base_model", f"{stem}_{digest}{ext}")]
 
   def base_answers(self, rows: np.ndarray, name: str, max_new_tokens: int) -> list[str]:
     """The base model's own greedy answers to prompt rows, cached as W/<name>."""
@@ -252,9 +283,7 @@ class Context:
                  "%.2f); they train as harmful, the rest are not trained on.", len(flagged),
                  len(rows), threshold)
     if self.primary:
-      out_dir = os.path.join(self.workdir, "probe")
-      os.makedirs(out_dir, exist_ok=True)
-      dump_json(os.path.join(out_dir, FLAGGED_FILE), record)
+      dump_json(os.path.join(self.workdir, "probe", FLAGGED_FILE), record)
     return flagged, weight
 
 

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from semsafe_jax import files
 from semsafe_jax.eval import judge
 from semsafe_jax.losses.common import safe_div
 from semsafe_jax.losses.preference import dpo_loss
@@ -195,19 +196,17 @@ def with_reference(ctx, table: PairTable, n_max: int) -> PairTable:
   digest.update(f"{mc.name_or_path}|{mc.dtype}|{mc.get('param_dtype', '')}|{n_max}".encode())
   key = digest.hexdigest()
   path = os.path.join(ctx.workdir, REFERENCE_FILE)
-  if os.path.exists(path):
-    with np.load(path) as f:
-      if str(f["key"]) == key:
-        return dataclasses.replace(table, ref_logp=f["logp"])
+  if files.exists(path):
+    f = files.load_npz(path)
+    if str(f["key"]) == key:
+      return dataclasses.replace(table, ref_logp=f["logp"])
   t0 = time.time()
   logp = reference_logprobs(ctx.params, ctx.model_cfg, r, which, n_max,
                             int(ctx.config.eval.batch_size))
   logging.info("Reference log-probabilities of %d rows (%d pairs) in %.1fs.", len(which),
                len(pairs), time.time() - t0)
   if ctx.primary:
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, key=np.asarray(key), logp=logp)
-    os.replace(tmp, path)
+    files.save_npz(path, {"key": key, "logp": logp})
   return dataclasses.replace(table, ref_logp=logp)
 
 

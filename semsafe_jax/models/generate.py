@@ -71,6 +71,35 @@ def _sample(logits_BxV: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+class DecodeTrace(NamedTuple):
+  """One trace of `decode`, i.e. one compilation, and what jit keyed it on."""
+  rows: int
+  prompt_len: int
+  max_new_tokens: int
+  sampling: Sampling
+  model: tuple  # embed function, cfg, structure, dtypes and shapes of the weights
+  stop_ids: int  # how many end-token ids
+
+
+_TRACES: list[DecodeTrace] = []
+
+
+def traces() -> list[DecodeTrace]:
+  """Every trace of `decode` in this process so far, in order. Two equal ones would be a
+  recompilation of a shape bucket already compiled (e.g. an argument whose dtype or weak
+  type changed between calls, or an embed function made afresh for each call)."""
+  return list(_TRACES)
+
+
+def _record_trace(params, embed_fn, ids_BxP, stop_ids_E, cfg, max_new_tokens, sampling) -> None:
+  fn = getattr(embed_fn, "func", embed_fn)
+  name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+  model = (name, cfg, str(jax.tree.structure(params)),
+           tuple(str(jax.typeof(x)) for x in jax.tree.leaves((params, embed_fn))))
+  B, P = ids_BxP.shape
+  _TRACES.append(DecodeTrace(B, P, max_new_tokens, sampling, model, stop_ids_E.shape[0]))
+
+
 def _decode(params: Params, embed_fn: jax.tree_util.Partial, ids_BxP: jax.Array,
             mask_BxP: jax.Array, stop_ids_E: jax.Array, key: jax.Array, pad: jax.Array, *,
             cfg: ModelConfig, max_new_tokens: int, sampling: Sampling
@@ -81,6 +110,8 @@ def _decode(params: Params, embed_fn: jax.tree_util.Partial, ids_BxP: jax.Array,
   produced tokens including the end token, which only finished rows have;
   steps is how many tokens the loop ran for (< N when all rows ended early).
   """
+  # Python side effect: runs once per trace (= compile), never per call.
+  _record_trace(params, embed_fn, ids_BxP, stop_ids_E, cfg, max_new_tokens, sampling)
   B, P = ids_BxP.shape
   N = max_new_tokens
   mask_BxS = jnp.concatenate([mask_BxP, jnp.zeros((B, N), bool)], axis=1)

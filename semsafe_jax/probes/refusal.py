@@ -7,7 +7,6 @@ caller tokenises; these functions only see ids and masks.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
 import jax
@@ -15,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from semsafe_jax import files
 from semsafe_jax.models.config import ModelConfig
 from semsafe_jax.probes import safety
 from semsafe_jax.probes.heads import classifier_logit, masked_mean_pool
@@ -102,10 +102,8 @@ def train_refusal_probe(params: Params, cfg: ModelConfig, ids_NxT: np.ndarray,
 
 
 def save_classifier(path: str, clf: Params) -> None:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  np.savez(path, **{k: np.asarray(v) for k, v in clf.items()})
+  files.save_npz(path, clf)
 
 
 def load_classifier(path: str) -> Params:
-  with np.load(path) as z:
-    return {k: z[k] for k in z.files}
+  return files.load_npz(path)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from semsafe_jax import files
 from semsafe_jax.configs import cfg_get
 from semsafe_jax.models import generate as gen_lib
 from semsafe_jax.models import transformer
@@ -177,16 +178,14 @@ def write_probe_report(out_dir: str, train_acc_L: np.ndarray, heldout_acc_L: np.
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  os.makedirs(out_dir, exist_ok=True)
   rows = ["| layer | train acc | held-out acc |", "|---:|---:|---:|"]
   for layer, (tr, ho) in enumerate(zip(train_acc_L, heldout_acc_L)):
     mark = " **(best)**" if layer == best_layer else ""
     rows.append(f"| {layer}{mark} | {tr:.3f} | {ho:.3f} |")
   md = os.path.join(out_dir, "safety_probe.md")
-  with open(md, "w", encoding="utf-8") as f:
-    f.write("# Safety probe accuracy per layer\n\nLayer 0 = embeddings, last = final norm "
-            "output. Harmful vs benign prompts, hidden states mean-pooled over prompt "
-            "tokens.\n\n" + "\n".join(rows) + "\n")
+  files.write_text(md, "# Safety probe accuracy per layer\n\nLayer 0 = embeddings, last = final "
+                   "norm output. Harmful vs benign prompts, hidden states mean-pooled over "
+                   "prompt tokens.\n\n" + "\n".join(rows) + "\n")
   png = os.path.join(out_dir, "safety_probe.png")
   fig, ax = plt.subplots(figsize=(6, 3.5))
   ax.plot(train_acc_L, marker="o", label="train")
@@ -198,24 +197,22 @@ def write_probe_report(out_dir: str, train_acc_L: np.ndarray, heldout_acc_L: np.
   ax.set_title("Safety probe: harmful vs benign")
   ax.legend()
   fig.tight_layout()
-  fig.savefig(png, dpi=100)
+  files.save_figure(fig, png, dpi=100)
   plt.close(fig)
   return {"markdown": md, "plot": png}
 
 
 def save_probe(out_dir: str, probe: Params, meta: dict[str, Any] | None = None) -> str:
   """Writes probe arrays (npz) and metadata (json). Returns the npz path."""
-  os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, PROBE_FILE)
-  np.savez(path, **{k: np.asarray(v) for k, v in probe.items()})
-  with open(os.path.join(out_dir, PROBE_META_FILE), "w", encoding="utf-8") as f:
-    json.dump({"layer": int(probe["layer"]), **(meta or {})}, f, indent=2)
+  files.save_npz(path, probe)
+  files.write_text(os.path.join(out_dir, PROBE_META_FILE),
+                   json.dumps({"layer": int(probe["layer"]), **(meta or {})}, indent=2))
   return path
 
 
 def load_probe(out_dir: str) -> Params:
-  with np.load(os.path.join(out_dir, PROBE_FILE)) as z:
-    return {k: z[k] for k in z.files}
+  return files.load_npz(os.path.join(out_dir, PROBE_FILE))
 
 
 def fit_safety_probe(params: Params, cfg: ModelConfig,

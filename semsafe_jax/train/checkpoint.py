@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from semsafe_jax.adapters.lora import flat_paths
 from semsafe_jax.errors import DamagedCheckpointError, UserError
 from semsafe_jax.train import sharding
 
@@ -61,17 +62,6 @@ def config_to_dict(config: Any) -> dict[str, Any]:
   return json.loads(json.dumps(d, default=str, sort_keys=True))
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}.{k}" if prefix else k
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, key))
-    else:
-      out[key] = v
-  return out
-
-
 def _ignored(key: str, ignore: Iterable[str]) -> bool:
   return any(key == i or key.startswith(i + ".") for i in ignore)
 
@@ -79,7 +69,7 @@ def _ignored(key: str, ignore: Iterable[str]) -> bool:
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any],
                 ignore: Iterable[str] = RESUME_SAFE_KEYS) -> dict[str, tuple[Any, Any]]:
   """key -> (old, new) for every differing config field not in `ignore`."""
-  a, b = _flatten(old), _flatten(new)
+  a, b = flat_paths(dict(old), sep="."), flat_paths(dict(new), sep=".")
   missing = object()
   return {k: (a.get(k, "<absent>"), b.get(k, "<absent>"))
           for k in sorted(set(a) | set(b))

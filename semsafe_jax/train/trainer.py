@@ -14,6 +14,7 @@ uninterrupted run.
 
 from __future__ import annotations
 
+import io
 import signal
 import threading
 import time
@@ -25,6 +26,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from semsafe_jax import files
 from semsafe_jax.train import checkpoint as ckpt_lib
 from semsafe_jax.train import monitor, sharding
 from semsafe_jax.train import step as step_lib
@@ -108,7 +110,11 @@ class _Logger:
       return
     try:
       from tensorboardX import SummaryWriter
-      self.writer = SummaryWriter(str(workdir / "tensorboard"))
+      logdir = str(workdir / "tensorboard")
+      if files.is_remote(logdir):
+        from tensorboardX import record_writer
+        record_writer.register_writer_factory(logdir.split(":", 1)[0], _EventFilesOnEpath())
+      self.writer = SummaryWriter(logdir)
     except Exception as e:  # logging must never kill a run
       logging.warning("TensorBoard logging disabled: %s", e)
     if progress:
@@ -141,10 +147,39 @@ class _Logger:
       self.writer.close()
 
 
+class _EventFileOnEpath:
+  """A TensorBoard event file on an object store. Objects cannot be appended to, so each
+  flush (every 2 minutes, and at the end) writes the whole file again, as tensorboardX's
+  own gs:// writer does; going through epath spares that writer's extra client library."""
+
+  def __init__(self, path: str):
+    self.path, self.buf = path, io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self.buf.write(data)
+
+  def flush(self) -> None:
+    files.write_bytes(self.path, self.buf.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _EventFilesOnEpath:
+  """tensorboardX writer factory for a URL scheme."""
+
+  def open(self, path: str) -> _EventFileOnEpath:
+    return _EventFileOnEpath(path)
+
+  def directory_check(self, path: str) -> None:
+    del path  # object stores have no folders
+
+
 def fit(loss_fn: step_lib.LossFn, init_trainable: Params, batch_fn: BatchFn, config,
         workdir: str, *, frozen: Any = None,
         frozen_axes: Mapping[str, Sequence[str]] | None = None,
-        mesh: jax.sharding.Mesh | None = None) -> tuple[Params, list[dict[str, float]]]:
+        mesh: jax.sharding.Mesh | None = None,
+        stats: dict[str, int] | None = None) -> tuple[Params, list[dict[str, float]]]:
   """Trains `init_trainable` to `config.train.steps` steps; resumes if W has a checkpoint.
 
   Args:
@@ -167,6 +202,9 @@ def fit(loss_fn: step_lib.LossFn, init_trainable: Params, batch_fn: BatchFn, con
     frozen_axes: 'a/b/c' path -> logical axes for frozen leaves (e.g.
       `sharding.model_logical_axes(model_cfg)`); other leaves are replicated.
     mesh: defaults to `sharding.make_mesh(config.train.mesh)` over all devices.
+    stats: when given, filled with `start_step` (0, or the checkpoint resumed from),
+      `steps_run` (steps this call trained) and `step_traces` (how often the step was
+      traced, i.e. compiled).
 
   Returns:
     (final trainable params as float32 arrays on this process's first device,
@@ -275,6 +313,9 @@ def fit(loss_fn: step_lib.LossFn, init_trainable: Params, batch_fn: BatchFn, con
   finally:
     checkpointer.close()  # waits for in-flight async saves
     logger.close()
+  if stats is not None:
+    stats.update(start_step=int(start), steps_run=len(history),
+                 step_traces=int(train_step.trace_count))
   if total > start:
     logging.info("Trained steps %d..%d in %.1fs (%d step traces).", start, total,
                  time.time() - t0, train_step.trace_count)

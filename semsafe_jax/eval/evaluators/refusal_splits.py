@@ -1,8 +1,8 @@
 """Refusal rate per built-in split (the main job's report), on a deterministic subsample.
 
 Groups and the data splits they read (a group whose split is empty is left out):
-train, heldout_phrasing, heldout_intent (harmful); borderline, benign, lookalike
-(should be answered); eval_only_{harmful,borderline,benign} (evaluation-only sources).
+train, heldout_phrasing, heldout_intent (harmful); borderline, benign, lookalike,
+val_lookalike (should be answered); eval_only_{harmful,borderline,benign} (evaluation-only sources).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from semsafe_jax.eval import base
 GROUPS = {"train": "train", "heldout_phrasing": "heldout_phrasing",
           "heldout_intent": "heldout_intent", "borderline": "eval_borderline",
           "benign": "eval_benign", "lookalike": "eval_lookalike",
+          # Training-side topics' held-back look-alikes: what a setting may be chosen on.
+          "val_lookalike": "val_lookalike",
           "eval_only_harmful": "eval_only_harmful", "eval_only_borderline": "eval_only_borderline",
           "eval_only_benign": "eval_only_benign"}
 
