@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CELLS = ("lora_sft-s0", "lora_sft-s1", "semsafe-s0", "semsafe-s1")
+CELLS = ("lora_sft-s0", "semsafe-s0", "lora_sft-s1", "semsafe-s1")  # run order: seed-major
 
 
 def _cmd(workdir):

@@ -198,7 +198,7 @@ def fake_ctx(tmp_path, replies):
     return [replies[next(s for s in replies if s in p)] for p in prompts]
 
   ctx = SimpleNamespace(config=c, data=FakeData(), workdir=str(tmp_path), primary=True,
-                        base_generate=base_generate)
+                        base_generate=base_generate, aligned=None)
   ctx.cached_answers = lambda *a: Context.cached_answers(ctx, *a)
   ctx._shared_paths = lambda *a: Context._shared_paths(ctx, *a)  # pylint: disable=protected-access
   return ctx, calls

@@ -1,21 +1,22 @@
-"""Does the consistency term carry refusals to prompts without targets? Three arms, 3 seeds.
+"""Does the consistency term carry refusals to prompts without targets? Ours vs lambda = 0.
 
   python -m semsafe_jax.main --config=configs/experiments/consistency.py \
       --workdir=runs/consistency
 
-- semsafe: ours, as configured by default (the unlabelled pool as partners), plus the
-  generated variants of the training prompts as unlabelled partners;
-- semsafe_lam0: the same run with lambda = 0 (partners and variants present, unused);
-- paraphrase_aug: LoRA SFT on the same generated variants, each with its source's target:
-  the fair rival, which uses the extra prompts as pseudo-labels.
+- semsafe: ours as configured by default (the unlabelled pool as partners), plus style
+  rewrites of the training prompts (2 each, data/rewrite.py) as further unlabelled partners;
+- semsafe_lam0: the same run with lambda = 0 (partners present, unused).
+Paired p-values are against lambda = 0.
 
-Every arm gets the same variants, 2 style rewrites per training prompt (data/rewrite.py).
-Paraphrases by the model are left out here: SmolLM2-135M mostly answers a request instead of
-rewriting it, so few survive the cosine filter, and the stage costs half an hour on 2 cores
-(add "method.paraphrases_per_prompt=1" to `overrides` to include them). Each cell trains 100
-steps and evaluates at most 40 prompts per split, so the 9 cells fit in about 90 minutes. Paired p-values are against lambda = 0.
-AdvBench and XSTest (../shared/data, read by experiments only) are evaluation-only sets:
-nothing within tau of them is trained on.
+The fair rival that uses the same extra prompts as pseudo-labels is paraphrase_aug: add
+`"paraphrase_aug": os.path.join(_METHODS, "paraphrase_aug.py")` to `methods`. Paraphrases
+by the model itself are off (SmolLM2-135M mostly answers a request instead of rewriting it,
+and the stage costs half an hour on 2 cores); "method.paraphrases_per_prompt=1" adds them.
+
+Each cell trains 100 steps and evaluates at most 40 prompts per split. On the 2-core machine
+a cell took 40-60 minutes while other jobs shared it (the first also answers every
+evaluation with the base model). AdvBench and XSTest (../shared/data, read by experiments
+only) are evaluation-only sets: nothing within tau of them is trained on.
 """
 
 import os
@@ -30,8 +31,7 @@ _SHARED = os.path.relpath(os.path.join(_HERE, "..", "..", "..", "shared", "data"
 def get_config():
   c = load_sibling(__file__, "base.py")
   e = c.experiment
-  e.methods = {name: os.path.join(_METHODS, f"{name}.py")
-               for name in ("semsafe", "semsafe_lam0", "paraphrase_aug")}
+  e.methods = {name: os.path.join(_METHODS, f"{name}.py") for name in ("semsafe", "semsafe_lam0")}
   e.seeds = (0, 1, 2)
   e.overrides = (
       "train.steps=100", "eval.max_per_split=40",

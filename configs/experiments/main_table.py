@@ -3,10 +3,12 @@
   python -m semsafe_jax.main --config=configs/experiments/main_table.py --workdir=runs/main_table
 
 Three seeds for ours, the primary baseline (lora_sft) and the lambda = 0 ablation, one for
-the rest: 20 cells. Budget: at most 3 hours on the 2-core development machine, so about
-9 minutes a cell. The embedded default trains 160 steps in about 520 s of an 11-12 minute
-run; every cell here trains 100 steps (about 330 s of training at the default's
-3.3 s/step) and evaluates at most 40 prompts per split. Full fine-tuning steps cost more.
+the rest: 20 cells. Every cell trains 100 steps (about 330 s of training at the default's
+3.3 s/step on a quiet 2-core machine) and evaluates at most 40 prompts per split. With every
+evaluation in configs/default.py a cell of configs/experiments/consistency.py (the same
+budget) took 40-60 minutes on a shared 2-core machine, so the 20 cells do not fit 3 hours
+there: run them as a job array (--config.experiment.print_commands=True), or fewer
+evaluations. Full fine-tuning steps cost more.
 """
 
 import os
