@@ -232,6 +232,12 @@ def check_data(config: Any) -> None:
         path = pathlib.Path(parsed.target).expanduser()
         if not path.is_file():
           fail("data.sources", spec, f"no such file: {path}")
+  # Source names (a prompt's `source`, e.g. advbench), not specs: a spec here would match
+  # nothing and leave its prompts trainable.
+  for name in [str(s) for s in as_list(get(config, "data.eval_only_sources") or ())]:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+      fail("data.eval_only_sources", name, "expected source names such as advbench (the "
+           "prompts' source), not a source spec; the spec goes in data.sources")
   number_in(config, "data.tau", -1.0, 1.0, low_open=True, high_open=True,
             why=" (a cosine similarity)")
   int_at_least(config, "data.k", 1, " (neighbours mined per prompt)")

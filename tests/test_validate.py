@@ -67,6 +67,7 @@ BAD = [
     ("data.tau", 1.5, "(-1, 1)"),
     ("data.tau", -1.0, "(-1, 1)"),
     ("data.k", 0, ">= 1"),
+    ("data.eval_only_sources", ("jsonl:mine.jsonl",), "source names"),
     ("data.heldout_intent_frac", 1.0, "[0, 1)"),
     ("data.heldout_phrasing_frac", -0.1, "[0, 1)"),
     ("data.eval_frac", 1.2, "[0, 1)"),
