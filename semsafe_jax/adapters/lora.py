@@ -44,11 +44,27 @@ def flat_paths(tree: Params, prefix: str = "", sep: str = "/") -> dict[str, Any]
   return out
 
 
-def _set(tree: Params, path: str, value: Any) -> None:
+def set_path(tree: Params, path: str, value: Any) -> None:
+  """tree['a']['b']['c'] = value for path 'a/b/c', creating the dicts on the way."""
   *parents, leaf = path.split("/")
   for p in parents:
     tree = tree.setdefault(p, {})
   tree[leaf] = value
+
+
+def get_path(tree: Params, path: str) -> Any:
+  """tree['a']['b']['c'] for path 'a/b/c'."""
+  for part in path.split("/"):
+    tree = tree[part]
+  return tree
+
+
+def nest_paths(flat: dict[str, Any]) -> Params:
+  """The inverse of flat_paths: {'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
+  out: Params = {}
+  for path, value in flat.items():
+    set_path(out, path, value)
+  return out
 
 
 def adaptable_kernels(params: Params) -> list[str]:
@@ -104,7 +120,7 @@ def init_lora(params: Params, targets: str | Sequence[str], rank: int, key: jax.
     bound = 1.0 / math.sqrt(d_in)
     a = jax.random.uniform(k, (L, d_in, rank), jnp.float32, -bound, bound)
     b = jnp.zeros((L, rank, d_out), jnp.float32)
-    _set(lora, path[: -len("/kernel")], {"a": a, "b": b})
+    set_path(lora, path[: -len("/kernel")], {"a": a, "b": b})
   return lora
 
 

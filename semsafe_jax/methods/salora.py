@@ -24,6 +24,7 @@ import numpy as np
 from absl import logging
 
 from semsafe_jax.adapters import lora_modules, lora_scale
+from semsafe_jax.adapters.lora import nest_paths
 from semsafe_jax.errors import ConfigError
 from semsafe_jax.methods import common as mcommon
 from semsafe_jax.methods.base import Prepared
@@ -48,7 +49,7 @@ def validate(config) -> None:
 
 def final_lora(trainable, fixed) -> dict:
   """The trainable tree as plain LoRA on the frozen model: rank 2r, C folded in."""
-  return {"lora": common.nest({
+  return {"lora": nest_paths({
       m: dict(zip(("a", "b"), regularizers.salora_factors(ab["a"], ab["b"], fixed[m])))
       for m, ab in lora_modules(trainable["lora"]).items()})}
 
@@ -124,7 +125,7 @@ def prepare(ctx) -> Prepared:
   stage = common.task_stage(ctx)
   modules = common.lora_paths(ctx.init_trainable())
   fixed = fixed_parts(ctx, modules, stage)
-  trainable = {"lora": common.nest({m: {"a": jnp.asarray(f["a0"]), "b": jnp.asarray(f["b0"])}
+  trainable = {"lora": nest_paths({m: {"a": jnp.asarray(f["a0"]), "b": jnp.asarray(f["b0"])}
                                     for m, f in fixed.items()})}
   frozen_fixed = {m: {k: f[k] for k in ("u", "a0", "b0c")} for m, f in fixed.items()}
   loss_fn = functools.partial(loss, model_cfg=ctx.model_cfg, adapter_cfg=ctx.config.adapters,

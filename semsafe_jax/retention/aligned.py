@@ -19,6 +19,7 @@ from absl import logging
 
 from semsafe_jax import files
 from semsafe_jax.adapters import lora_modules, lora_scale
+from semsafe_jax.adapters.lora import get_path
 from semsafe_jax.data.schema import DataError
 from semsafe_jax.errors import ConfigError, MissingInputError
 from semsafe_jax.export import merged as merged_lib
@@ -71,14 +72,8 @@ class Aligned:
 
   def kernel_delta(self, module: str) -> np.ndarray:
     """W_aligned - W_base [L, in, out] of one kernel stack, dense."""
-    get = lambda tree: np.asarray(_at(tree, f"{module}/kernel"), np.float32)
+    get = lambda tree: np.asarray(get_path(tree, f"{module}/kernel"), np.float32)
     return get(self.params) - get(self.base_params)
-
-
-def _at(tree: Params, path: str) -> Any:
-  for part in path.split("/"):
-    tree = tree[part]
-  return tree
 
 
 def workdir_of(config: Any) -> str:

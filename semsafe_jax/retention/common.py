@@ -24,7 +24,7 @@ from absl import logging
 
 from semsafe_jax import adapters as adapters_lib
 from semsafe_jax import files
-from semsafe_jax.adapters.lora import flat_paths, lora_modules
+from semsafe_jax.adapters.lora import get_path, lora_modules
 from semsafe_jax.errors import ConfigError
 from semsafe_jax.losses.common import safe_div
 from semsafe_jax.methods import common as mcommon
@@ -134,25 +134,13 @@ def prepared(ctx, trainable: Params, loss_fn: Callable, stage: TaskStage, *,
 # --- LoRA factors.
 
 
-def nest(flat: dict[str, Any]) -> Params:
-  """{'layers/attn/q_proj': x} -> {'layers': {'attn': {'q_proj': x}}}."""
-  out: Params = {}
-  for path, value in flat.items():
-    *parents, leaf = path.split("/")
-    node = out
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return out
-
-
 def lora_paths(trainable: Params) -> list[str]:
   """The adapted modules ('layers/attn/q_proj'), sorted."""
   return sorted(lora_modules(trainable.get("lora", {})))
 
 
 def kernel(params: Params, module: str) -> Any:
-  return flat_paths(params)[f"{module}/kernel"]
+  return get_path(params, f"{module}/kernel")
 
 
 def apply_lora_tree(base: Params, lora: Params, adapter_cfg: Any, rng: jax.Array | None
