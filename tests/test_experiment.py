@@ -249,6 +249,13 @@ def test_collect_only_lists_missing_cells_and_uses_wilson_for_one_seed(tmp_path)
   md = (w / "summary.md").read_text()
   assert "3 of 4 cells finished." in md
   assert cells["lam1-s1"].command() in md
+  assert "| metric | base model | lam0 | lam1 |" in md
+  # Retention cells start from a safety run's model: the "before" column says so.
+  report = json.loads((Path(cells["lam0-s0"].workdir) / "report.json").read_text())
+  report["method_report"] = {"aligned": {"workdir": "runs/demo", "step": 6}}
+  (Path(cells["lam0-s0"].workdir) / "report.json").write_text(json.dumps(report))
+  exp_job.run(_config(collect_only=True), str(w))
+  assert "| metric | aligned model | lam0 | lam1 |" in (w / "summary.md").read_text()
 
 
 def test_a_cell_holding_another_config_is_refused_unless_overwrite(tmp_path):

@@ -332,6 +332,38 @@ def test_loss_contract(safety_run, shared, tmp_path, name):
   np.testing.assert_allclose(float(l_init), float(l_ref), rtol=1e-4)
 
 
+@pytest.mark.parametrize("w_capability", [5.0, 0.0])
+def test_semsafe_retain_keeps_the_aligned_models_benign_answers(safety_run, shared, tmp_path,
+                                                                w_capability):
+  """L_capability is the KL to the aligned (frozen) model on the benign block: zero at init,
+  positive once the adapters move; with w_capability = 0 the block is empty."""
+  config = retention_config("semsafe_retain", safety_run)
+  config.loss.w_capability = w_capability
+  data, pre, aligned = shared
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "model": 1})
+  ctx = Context(config, str(tmp_path), data, aligned.cfg, aligned.params, pre.tokenizer, mesh,
+                aligned=aligned)
+  prepared = methods.get("semsafe_retain").prepare(ctx)
+  batch = prepared.batch_fn(0)
+  benign = batch.safety.safety.benign
+  assert (benign.ids.shape[0] > 0) == (w_capability > 0)
+  if not w_capability:
+    return
+  # The answers trained towards are the aligned model's own.
+  answers = [r["completion"] for r in _jsonl(tmp_path / "base_answers.jsonl")]
+  assert answers == ctx.base_generate(data.texts(ctx.sft.benign_rows[:len(answers)]),
+                                      config.eval.base_answer_tokens)
+  rng = jax.random.key(0)
+  at_init = prepared.loss_fn(prepared.trainable, prepared.frozen, batch, rng)[1]
+  moved = jax.tree.map(lambda x: x + 0.05 * jnp.ones_like(x), prepared.trainable)
+  away = prepared.loss_fn(moved, prepared.frozen, batch, rng)[1]
+  assert abs(float(at_init["l_capability"])) < 1e-6 < float(away["l_capability"])
+
+
+def _jsonl(path):
+  return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line]
+
+
 @pytest.mark.parametrize("name", retention.METHODS)
 def test_end_to_end_and_export(safety_run, shared, tmp_path, name):
   config = retention_config(name, safety_run)

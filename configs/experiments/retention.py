@@ -28,6 +28,9 @@ def get_config(aligned_workdir="runs/demo"):
   c = load_sibling(__file__, "base.py")
   e = c.experiment
   e.methods = {name: os.path.join(_METHODS, f"{name}.py") for name in METHODS}
+  # Ours without L_capability: what the safety term alone does to benign prompts.
+  e.methods.semsafe_retain_nocap = {"config": e.methods.semsafe_retain,
+                                    "overrides": ("loss.w_capability=0",)}
   e.overrides = (f"retention.aligned_workdir={aligned_workdir}", "train.steps=50",
                  "eval.max_per_split=30", "evals.attacks.max_prompts=20",
                  "evals.prefill.max_prompts=20", "evals.task.max_prompts=60")

@@ -75,7 +75,7 @@ def bars(s: Summary, workdir: str, eval_name: str) -> str | None:
   rates = [m for m in names if summary_lib.rate_like(m)]
   others = [m for m in names if m not in rates]
   panels = ([rates] if rates else []) + [[m] for m in others]
-  series = [(summary_lib.BASE_ARM, ref, "before")] + [(a, a, "after") for a in arms]
+  series = [(s.before_label, ref, "before")] + [(a, a, "after") for a in arms]
   widths = [max(3.0, 0.5 * len(p) * len(series) / 2) for p in panels]
   plt = _plt()
   fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths) + 1, 3.8), squeeze=False,
@@ -131,7 +131,7 @@ def scatter(s: Summary, workdir: str, safety: str, overrefusal: str) -> str | No
   by, bx = s.row(ref, *ys, "before"), s.row(ref, *xs, "before")
   if by and bx:
     ax.plot([bx["mean"]], [by["mean"]], "s", color="grey")
-    ax.annotate(summary_lib.BASE_ARM, (bx["mean"], by["mean"]), textcoords="offset points",
+    ax.annotate(s.before_label, (bx["mean"], by["mean"]), textcoords="offset points",
                 xytext=(4, -10), fontsize=8, color="grey")
   fx, fy = zip(*[pts[a] for a in front])
   ax.step(fx, fy, where="post", color="C3", lw=1, alpha=0.7, label="Pareto front")
@@ -275,7 +275,7 @@ def embedding_map(s: Summary, workdir: str) -> str | None:
   _, _, vt = np.linalg.svd(emb - mean, full_matrices=False)
   basis = vt[:2].T  # PCA: the top two right singular vectors
 
-  panels = [(f"{summary_lib.BASE_ARM} (before)", s.results[ref][0], "before")]
+  panels = [(f"{s.before_label} (before)", s.results[ref][0], "before")]
   panels += [(f"{a} (after, seed {s.results[a][0].cell.seed})", s.results[a][0], "after")
              for a in _arms(s)]
   cols = min(3, len(panels))

@@ -35,6 +35,7 @@ from semsafe_jax.experiments.grid import DONE, Cell
 from semsafe_jax.files import read_jsonl
 
 BASE_ARM = "base model"  # the "before" column: the frozen model every arm starts from
+ALIGNED_ARM = "aligned model"  # ... in the retention scenario, where that is a safety run
 HISTORY_FILE = "train_history.jsonl"
 LEGACY_EVAL = "splits"
 _LEGACY_LABEL = {"heldout_intent": "harmful", "heldout_phrasing": "harmful",
@@ -242,6 +243,13 @@ class Summary:
   rows: list[dict[str, Any]]  # one per (arm, stage, eval, metric); see _CSV_FIELDS
   evals: dict[str, str]  # eval name -> type, in report order
   metrics: dict[str, list[str]]  # eval name -> metric names, in report order
+
+  @property
+  def before_label(self) -> str:
+    """What the "before" column is: the base model, or the aligned model of retention runs."""
+    retention = any(r.report.get("method_report", {}).get("aligned")
+                    for rs in self.results.values() for r in rs)
+    return ALIGNED_ARM if retention else BASE_ARM
 
   @property
   def missing(self) -> list[Cell]:
@@ -481,15 +489,16 @@ def write(summary: Summary, workdir: str, *, experiment: Mapping[str, Any] | Non
     lines += ["```", ""]
   b = summary.baseline
   lines += ["Each entry: mean over seeds with its 95% interval (Student t across seeds, clipped "
-            "to [0, 1] for rates; one seed: Wilson on its own k/n for a rate). Base model: its "
-            "answers in one cell (the same in every seed)."
+            f"to [0, 1] for rates; one seed: Wilson on its own k/n for a rate). "
+            f"{summary.before_label.capitalize()}: its answers in one cell (the same in every "
+            "seed)."
             + (f" Δ: difference to `{b}` with the same overrides, on the same prompts and the "
                "seeds both ran; p: exact McNemar on the per-prompt refusal decisions pooled "
                "over those seeds (rates), or a paired bootstrap on per-prompt values." if b
                else ""), ""]
   for e, names in summary.metrics.items():
     lines += [f"## {e} ({summary.evals.get(e) or '?'})", "",
-              "| metric | " + " | ".join([BASE_ARM, *arms]) + " |",
+              "| metric | " + " | ".join([summary.before_label, *arms]) + " |",
               "|---" * (len(arms) + 2) + "|"]
     # The frozen model's answers: the baseline arm's "before" (every arm's is the same
     # when the override set leaves data and evaluation alone).

@@ -1,14 +1,15 @@
 """semsafe_retain: ours as the regulariser of task fine-tuning.
 
-  L = L_task + weight · (w_s · L_safety + lambda · L_consistency)
+  L = L_task + weight · (w_s · L_safety + lambda · L_consistency + w_c · L_capability)
 
-on the safety-training prompts, each step: the task batch, plus the harmful block, its
-mined pairs and its unlabelled partners exactly as ours trains on them (semsafe.py, with
-`config.loss` and `config.data` as there). The refusal targets are the safety training's;
-the consistency term holds each paraphrase and each unlabelled partner to its anchor's
-behaviour under the aligned model's refusal scorer. L_capability is left out
-(`loss.w_capability` = 0): the task loss is the benign signal here, so no base answers are
-generated. `retention.semsafe_retain.weight` weighs our terms against the task.
+on the safety-training prompts, each step: the task batch, plus the blocks ours trains on
+(semsafe.py, with `config.loss` and `config.data` as there): the harmful block with the
+safety training's refusal targets, its mined pairs and unlabelled partners, and the benign,
+borderline and look-alike block. The frozen model is the aligned one, so L_capability is the
+KL to the aligned model's own answers on that block: without it, the safety term alone
+teaches the model to refuse whatever it is asked (the task prompts are no counterweight on
+safety-looking prompts). `loss.w_capability=0` leaves the block out and generates no
+answers. `retention.semsafe_retain.weight` weighs our terms against the task.
 """
 
 from __future__ import annotations
@@ -35,9 +36,6 @@ class RetainBatch:
 
 def validate(config) -> None:
   common.check(config)
-  if float(config.loss.w_capability) != 0.0:
-    raise ConfigError("loss.w_capability", config.loss.w_capability, "semsafe_retain trains "
-                      "no capability term (the task loss is its benign signal): use 0")
   if config.probe.use != "off":
     raise ConfigError("probe.use", config.probe.use, "semsafe_retain takes off")
   if float(config.retention.semsafe_retain.weight) < 0:
@@ -60,7 +58,10 @@ def loss(trainable, frozen, batch: RetainBatch, rng, *, model_cfg, adapter_cfg, 
 
 def _safety_batch_fn(ctx):
   """step -> SafetyBatch: the shared batcher's harmful block and pairs, with the safety
-  training's refusal targets; the benign block stays empty (no base answers needed)."""
+  training's refusal targets, and its benign block with the aligned model's answers; without
+  L_capability the benign block stays empty (no answers generated)."""
+  if float(ctx.config.loss.w_capability) > 0:
+    return ctx.safety_batch_fn()
   data, dc = ctx.data, ctx.config.data
   rows = np.asarray(data.splits["train"], np.int64)
   harm = inputs.encode_rows(ctx.tokenizer, data.texts(rows), ctx.refusal_targets(rows),
