@@ -17,6 +17,7 @@ from semsafe_jax.configs import load_config
 from semsafe_jax.data.pipeline import prepare_data
 from semsafe_jax.data.schema import DataError
 from semsafe_jax.eval import base as eval_base
+from semsafe_jax.files import read_jsonl
 from semsafe_jax.jobs import export as export_job
 from semsafe_jax.jobs import train as train_job
 from semsafe_jax.methods.context import Context
@@ -350,7 +351,7 @@ def test_semsafe_retain_keeps_the_aligned_models_benign_answers(safety_run, shar
   if not w_capability:
     return
   # The answers trained towards are the aligned model's own.
-  answers = [r["completion"] for r in _jsonl(tmp_path / "base_answers.jsonl")]
+  answers = [r["completion"] for r in read_jsonl(str(tmp_path / "base_answers.jsonl"))]
   assert answers == ctx.base_generate(data.texts(ctx.sft.benign_rows[:len(answers)]),
                                       config.eval.base_answer_tokens)
   rng = jax.random.key(0)
@@ -358,10 +359,6 @@ def test_semsafe_retain_keeps_the_aligned_models_benign_answers(safety_run, shar
   moved = jax.tree.map(lambda x: x + 0.05 * jnp.ones_like(x), prepared.trainable)
   away = prepared.loss_fn(moved, prepared.frozen, batch, rng)[1]
   assert abs(float(at_init["l_capability"])) < 1e-6 < float(away["l_capability"])
-
-
-def _jsonl(path):
-  return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line]
 
 
 @pytest.mark.parametrize("name", retention.METHODS)

@@ -4,15 +4,15 @@
       --workdir=runs/retention
 
 The argument after ':' is the safety run's workdir (default runs/demo, what `make run`
-trains): its latest checkpoint is the aligned model of every cell, and the same data
-settings give the same held-out prompts. Each cell fine-tunes that model on the built-in
-task set for 50 steps of 8 tasks (about 1.2 epochs) and evaluates at most 30 prompts per
-refusal split, 20 under each attack and prefill, and 60 held-out tasks; the aligned
-model's own answers ("before") are generated once, in the first cell. That the five cells
-fit about 40 minutes on the quiet 2-core development machine is an estimate from timing
-some of their parts on the busy machine (a task step, generation, the SaLoRA and
-AlignGuard statistics); the experiment itself has not been run yet. Δ and paired tests
-are against plain LoRA (task_lora).
+trains): its latest checkpoint is the aligned model of every cell. The cells must use that
+run's data settings (same held-out prompts; the job checks): a safety run with other `data`
+settings needs them in `experiment.overrides` too (docs/results/retention/README.md shows
+how). Each cell fine-tunes the aligned model on the built-in task set for 50 steps of 8
+tasks (about 1.2 epochs) and evaluates at most 30 prompts per refusal split, 20 under each
+attack and prefill, and 60 held-out tasks; the aligned model's own answers ("before") are
+generated once, in the first cell. On the quiet 2-core development machine a cell took 5-7
+minutes, ours 13-20 (its step carries our safety-training blocks). Δ and paired tests are
+against plain LoRA (task_lora).
 """
 
 import os
