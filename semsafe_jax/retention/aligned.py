@@ -62,9 +62,7 @@ class Aligned:
     (module 'layers/attn/q_proj'), when the safety run adapted it with LoRA alone."""
     if self.adapters.get("full") is not None:
       return None
-    node = self.adapters.get("lora") or {}
-    for part in module.split("/"):
-      node = node.get(part) if isinstance(node, dict) else None
+    node = lora_modules(self.adapters.get("lora") or {}).get(module)
     if not node:
       return None
     return (lora_scale(self.adapter_cfg) * np.asarray(node["a"], np.float32),

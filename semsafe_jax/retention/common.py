@@ -24,7 +24,7 @@ from absl import logging
 
 from semsafe_jax import adapters as adapters_lib
 from semsafe_jax import files
-from semsafe_jax.adapters.lora import get_path, lora_modules
+from semsafe_jax.adapters.lora import get_path, lora_modules, set_path
 from semsafe_jax.errors import ConfigError
 from semsafe_jax.losses.common import safe_div
 from semsafe_jax.methods import common as mcommon
@@ -143,14 +143,6 @@ def kernel(params: Params, module: str) -> Any:
   return get_path(params, f"{module}/kernel")
 
 
-def apply_lora_tree(base: Params, lora: Params, adapter_cfg: Any, rng: jax.Array | None
-                    ) -> Params:
-  """Base params with a LoRA tree beside the kernels (unmerged), at the config's scale."""
-  return adapters_lib.apply_lora(base, lora, adapters_lib.lora_scale(adapter_cfg),
-                                 dropout=float(adapter_cfg.get("lora_dropout", 0.0)), rng=rng,
-                                 merge=False)
-
-
 # --- Statistics of the aligned model, cached in W.
 
 
@@ -168,7 +160,6 @@ def single_threaded_lapack():
     return
   with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
     yield
-
 
 
 def save_modules(path: str, arrays: dict[str, dict[str, np.ndarray]],
@@ -205,7 +196,6 @@ def cached_modules(ctx, name: str, settings: dict[str, Any],
   if ctx.primary:
     save_modules(path, out, settings)
   return out
-
 
 
 class _Tap:
@@ -260,10 +250,7 @@ def kernel_input_grams(params: Params, cfg: ModelConfig, ids_NxT: np.ndarray,
 def _with_kernels(params: Params, kernels: dict[str, jax.Array]) -> Params:
   out = jax.tree.map(lambda x: x, params)  # new containers, same arrays
   for m, k in kernels.items():
-    node = out
-    for part in m.split("/"):
-      node = node[part]
-    node["kernel"] = k
+    set_path(out, f"{m}/kernel", k)
   return out
 
 

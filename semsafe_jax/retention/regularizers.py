@@ -24,9 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def lora_delta(a_LxIxR: jax.Array, b_LxRxO: jax.Array, scale: float) -> jax.Array:
-  return scale * jnp.einsum("lir,lro->lio", a_LxIxR, b_LxRxO)
+from semsafe_jax.adapters.lora import lora_delta
 
 
 # --- SaLoRA.

@@ -25,10 +25,11 @@ OPTIONS = {
 }
 
 
-def groups(ctx: base.EvalContext, opts: dict[str, Any]) -> dict[str, np.ndarray]:
+def groups(ctx: base.EvalContext, opts: dict[str, Any],
+           hidden: dict[str, dict[str, str]]) -> dict[str, np.ndarray]:
   """{"pool/<hidden label>": prompt rows}, subsampled; only pool prompts with a hidden
-  label (a user's own unlabelled source has none, and is left out)."""
-  hidden = builtin.load_unlabeled_labels()
+  label (`hidden`: builtin.load_unlabeled_labels(); a user's own unlabelled source has
+  none, and is left out)."""
   by_label: dict[str, list[int]] = {}
   for r in base.split_rows(ctx.data, UNLABELED_SPLIT):
     p = ctx.data.prompts[int(r)]
@@ -41,14 +42,14 @@ def groups(ctx: base.EvalContext, opts: dict[str, Any]) -> dict[str, np.ndarray]
 
 def evaluate(ctx: base.EvalContext, model: base.ModelUnderTest,
              opts: dict[str, Any]) -> base.EvalResult:
-  sets = groups(ctx, opts)
+  hidden = builtin.load_unlabeled_labels()
+  sets = groups(ctx, opts, hidden)
   if not sets:
     return base.EvalResult({}, [], notes=["no built-in unlabelled pool was loaded "
                                           "(data.unlabeled_sources)"])
   order = [(g, int(r)) for g, rows in sets.items() for r in rows]
   prompts = [ctx.data.prompts[r] for _, r in order]
   completions = model.generate([p.text for p in prompts], ctx.max_new_tokens(opts))
-  hidden = builtin.load_unlabeled_labels()
   rows = [base.prompt_row(g, p.id, p.text, c, hidden[p.id]["label"],
                           category=hidden[p.id]["category"], style=hidden[p.id]["style"])
           for (g, _), p, c in zip(order, prompts, completions)]
