@@ -203,3 +203,24 @@ def test_damaged_latest_checkpoint_names_the_step_and_export_step(run_dir, tmp_p
 def test_missing_step_lists_the_steps(run_dir, tmp_path):
   with pytest.raises(FileNotFoundError, match=r"No checkpoint at step 9 .* 3, 6"):
     _export(_tiny_config(), run_dir, format="orbax", out_dir=str(tmp_path / "o"), step=9)
+
+
+def test_checkpointer_takes_a_relative_workdir(tmp_path, monkeypatch):
+  """Library callers of fit pass relative workdirs; orbax itself only takes absolute ones."""
+  monkeypatch.chdir(tmp_path)
+  cfg = from_hf_dict(tiny_hf_config("llama", 512))
+  ad = adapters_lib.init_adapters(_tiny_config().adapters, cfg, None, jax.random.key(0))
+  state = TrainState(trainable=ad, opt_state=optax.adam(1e-3).init(ad), step=jnp.int32(2),
+                     rng=jnp.zeros((2,), jnp.uint32), bad_total=jnp.int32(0),
+                     bad_consecutive=jnp.int32(0))
+  ckpt = checkpoint.Checkpointer(os.path.join("runs", "rel"), every=1, keep=2)
+  ckpt.save(2, state, {"next_step": 2}, force=True)
+  ckpt.close()
+  reread = checkpoint.Checkpointer("runs/rel", every=1, keep=2)
+  assert reread.latest_step() == 2
+  restored, data_state = reread.restore(2, jax.tree.map(np.asarray, state))
+  reread.close()
+  assert data_state == {"next_step": 2}
+  assert (tmp_path / "runs" / "rel" / checkpoint.CHECKPOINT_DIR / "2").is_dir()
+  np.testing.assert_array_equal(jax.tree.leaves(restored.trainable)[0],
+                                jax.tree.leaves(ad)[0])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -30,6 +31,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from semsafe_jax import files
 from semsafe_jax.adapters.lora import flat_paths
 from semsafe_jax.errors import DamagedCheckpointError, UserError
 from semsafe_jax.train import sharding
@@ -140,6 +142,8 @@ def _manager(workdir: str | epath.Path, *, every: int = 1, keep: int | None = No
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=max(int(every), 1), max_to_keep=keep,
       enable_async_checkpointing=async_save, create=create)
+  if not files.is_remote(str(workdir)):  # orbax refuses relative paths; library callers pass them
+    workdir = os.path.abspath(workdir)
   return ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINT_DIR,
                                handler_registry=_handler_registry(), options=options)
 
