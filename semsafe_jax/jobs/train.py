@@ -27,6 +27,7 @@ from semsafe_jax.data.schema import DataError
 from semsafe_jax.eval import base as eval_lib
 from semsafe_jax.eval import judge
 from semsafe_jax.eval import report as report_lib
+from semsafe_jax.eval.evaluators import refusal_splits
 from semsafe_jax.files import read_jsonl, write_jsonl
 from semsafe_jax.methods.context import Context
 from semsafe_jax.models import generate as gen_lib
@@ -38,13 +39,12 @@ from semsafe_jax.train.trainer import fit
 
 HISTORY_FILE = "train_history.jsonl"  # one JSON of metrics per step
 
-EVAL_SPLITS = {"heldout_intent": "heldout_intent", "heldout_phrasing": "heldout_phrasing",
-               "borderline": "eval_borderline", "benign": "eval_benign",
-               "lookalike": "eval_lookalike",
-               # Evaluation-only sources (e.g. XSTest), reported when loaded.
-               "eval_only_harmful": "eval_only_harmful",
-               "eval_only_borderline": "eval_only_borderline",
-               "eval_only_benign": "eval_only_benign"}
+# The report's before/after answers: refusal_splits' groups (their data splits), in this
+# order, less the training prompts and the look-alikes held back for decisions. Groups whose
+# split is empty (no look-alikes, no evaluation-only sources) are left out.
+EVAL_SPLITS = {g: refusal_splits.GROUPS[g] for g in (
+    "heldout_intent", "heldout_phrasing", "borderline", "benign", "lookalike",
+    "eval_only_harmful", "eval_only_borderline", "eval_only_benign")}
 
 
 def run(config, workdir: str) -> dict[str, Any]:

@@ -21,6 +21,8 @@ from semsafe_jax import files
 from semsafe_jax.adapters import lora_modules, lora_scale
 from semsafe_jax.adapters.lora import get_path
 from semsafe_jax.data.schema import DataError
+# The splits an evaluation reads, and the splits a safety run trains on: they must not meet.
+from semsafe_jax.data.splits import EVAL_SPLITS, TRAINABLE_SPLITS
 from semsafe_jax.errors import ConfigError, MissingInputError
 from semsafe_jax.export import merged as merged_lib
 from semsafe_jax.models.config import ModelConfig
@@ -28,12 +30,6 @@ from semsafe_jax.retention import section
 from semsafe_jax.train import checkpoint as ckpt_lib
 
 Params = dict[str, Any]
-# Splits an evaluation reads, and the splits a safety run trains on: they must not meet.
-EVAL_SPLITS = ("heldout_intent", "heldout_phrasing", "eval_benign", "eval_borderline",
-               "eval_lookalike", "val_lookalike", "eval_only_harmful", "eval_only_benign",
-               "eval_only_borderline")
-TRAIN_SPLITS = ("train", "train_benign", "train_borderline", "train_lookalike",
-                "train_unlabeled")
 RECORD_FILE = "aligned.json"  # in a retention run's W: the aligned model it started from
 
 
@@ -122,7 +118,7 @@ def check_splits(aligned: Aligned, data: Any) -> None:
     return
   with files.as_path(path).open("r") as f:
     theirs = json.load(f)
-  trained = {i for s in TRAIN_SPLITS for i in theirs.get(s, [])}
+  trained = {i for s in TRAINABLE_SPLITS for i in theirs.get(s, [])}
   ours = [data.prompts[int(r)].id for s in EVAL_SPLITS for r in data.splits.get(s, [])]
   leaked = [i for i in ours if i in trained]
   if leaked:
