@@ -81,6 +81,8 @@ def one(method: str, workdir: str, reps: int, base: str | None, flags: list[str]
       f"--config.shared_dir={shared}", *flags,
       f"--config.train.steps={WARM + 1 + reps}", "--config.checkpoint.every=1000000",
       "--config.train.progress=False", "--config.overwrite=True"])
+  if int(config.train.get("grad_accum", 1)) != 1:  # then batch_fn runs per micro-step
+    raise SystemExit("bench_methods: times one batch_fn call per step; use train.grad_accum=1")
   # Timing only: never resume a previous bench run's checkpoint.
   shutil.rmtree(os.path.join(wd, "checkpoints"), ignore_errors=True)
   t0 = time.time()
