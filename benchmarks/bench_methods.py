@@ -5,7 +5,7 @@
       [-- --config.FIELD=VALUE ...]
 
 Per method, in a process of its own (so each peak host memory is its own):
-`configs/methods/<name>.py` plus the flags after `--`, the main job's data stage, the
+`configs/methods/<name>.py` plus the flags after `--`, the main job's data and model stage, the
 method's real `prepare(ctx)` (its host stages: base-model answers, references, rewrites),
 then the shared trainer's `fit` for 2 + reps steps. A step's time is the interval between
 two consecutive `batch_fn` calls inside `fit`, which dispatches step s and then waits for
@@ -62,14 +62,11 @@ class _Clock:
 def one(method: str, workdir: str, reps: int, base: str | None, flags: list[str]) -> dict:
   """Prepares and trains one method; returns its timings (runs in its own process)."""
   # Imports here: the parent process only orchestrates and stays light.
-  import jax  # pylint: disable=g-import-not-at-top
   from semsafe_jax import adapters as adapters_lib  # pylint: disable=g-import-not-at-top
   from semsafe_jax import malloc  # pylint: disable=g-import-not-at-top
   from semsafe_jax import methods  # pylint: disable=g-import-not-at-top
-  from semsafe_jax.data.pipeline import prepare_data  # pylint: disable=g-import-not-at-top
   from semsafe_jax.experiments import grid  # pylint: disable=g-import-not-at-top
-  from semsafe_jax.methods.context import Context  # pylint: disable=g-import-not-at-top
-  from semsafe_jax.models.loading import load_pretrained  # pylint: disable=g-import-not-at-top
+  from semsafe_jax.jobs import train as train_job  # pylint: disable=g-import-not-at-top
   from semsafe_jax.train import sharding  # pylint: disable=g-import-not-at-top
   from semsafe_jax.train.trainer import fit  # pylint: disable=g-import-not-at-top
 
@@ -87,15 +84,10 @@ def one(method: str, workdir: str, reps: int, base: str | None, flags: list[str]
   shutil.rmtree(os.path.join(wd, "checkpoints"), ignore_errors=True)
   t0 = time.time()
   mesh = sharding.make_mesh(dict(config.train.get("mesh", {}) or {}))
-  data = prepare_data(config, wd)
-  mc = config.model
-  pre = load_pretrained(mc.name_or_path, dtype=mc.dtype, param_dtype=mc.param_dtype,
-                        remat=mc.remat, layer_loop=mc.layer_loop)
-  params = jax.device_put(pre.params)
-  ctx = Context(config, wd, data, pre.cfg, params, pre.tokenizer, mesh)
+  ctx = train_job.method_context(config, wd, mesh)  # as the main job builds it
   prepared = methods.get(config.method.name).prepare(ctx)
   prepare_s = time.time() - t0
-  n_trainable = adapters_lib.param_summary(prepared.trainable, params)["trainable"]
+  n_trainable = adapters_lib.param_summary(prepared.trainable, ctx.params)["trainable"]
   clock = _Clock(prepared.batch_fn)
   fit(prepared.loss_fn, prepared.trainable, clock, config, wd, frozen=prepared.frozen,
       frozen_axes=prepared.frozen_axes, mesh=mesh)

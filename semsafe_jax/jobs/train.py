@@ -58,23 +58,15 @@ def run(config, workdir: str) -> dict[str, Any]:
   check_block_sizes(dc.harmful_per_step, dc.benign_per_step, sharding.batch_size_divisor(mesh))
   ckpt_lib.prepare_workdir(workdir, config)  # refuse a changed config before any work
   clock = _Stages()
-  data = prepare_data(config, workdir, write=sharding.is_primary())
-  _check_trainable_data(config, data)
-  mc, ec = config.model, config.eval
-  pre = load_pretrained(mc.name_or_path, dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat,
-                        layer_loop=mc.layer_loop)
-  # The retention scenario fine-tunes a safety-trained model: that is then the frozen
-  # model of every stage, "before" included (semsafe_jax/retention). None otherwise.
-  aligned = aligned_lib.load_for_run(config, workdir, pre.params, pre.cfg, data,
-                                     sharding.is_primary())
-  model_cfg = pre.cfg if aligned is None else aligned.cfg
-  params = jax.device_put(pre.params if aligned is None else aligned.params)
-  ctx = Context(config, workdir, data, model_cfg, params, pre.tokenizer, mesh, aligned=aligned)
+  ctx = method_context(config, workdir, mesh)
+  data, model_cfg, params, aligned, tokenizer = (ctx.data, ctx.model_cfg, ctx.params,
+                                                 ctx.aligned, ctx.tokenizer)
+  ec = config.eval
   clock.done("data_and_model")
 
   # The frozen base model, as every evaluation sees it; its answers are cached on disk.
   base_m = eval_lib.ModelUnderTest(
-      "before", params, model_cfg, pre.tokenizer, batch_size=ec.batch_size,
+      "before", params, model_cfg, tokenizer, batch_size=ec.batch_size,
       cache_file=eval_lib.base_cache_file(config, workdir, aligned.identity if aligned else ""))
   eval_sets = _eval_sets(data, config)
   before = _cached_answers(os.path.join(workdir, "answers_before.jsonl"), eval_sets,
@@ -104,7 +96,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   malloc.release()
 
   adapted, embed_fn = adapters_lib.apply_trained(params, trained, config.adapters)
-  after_m = eval_lib.ModelUnderTest("after", adapted, model_cfg, pre.tokenizer, embed_fn=embed_fn,
+  after_m = eval_lib.ModelUnderTest("after", adapted, model_cfg, tokenizer, embed_fn=embed_fn,
                                     batch_size=ec.batch_size)
   after = _answers(eval_sets, lambda ps: after_m.generate(ps, ec.max_new_tokens))
   evals, _ = eval_lib.run_evals(
@@ -118,7 +110,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   report = {
       "method": config.method.name,
       "seed": int(config.seed),
-      "model": mc.name_or_path,
+      "model": config.model.name_or_path,
       "before": report_lib.refusal_summary(before),
       "after": report_lib.refusal_summary(after),
       "evals": evals,
@@ -162,6 +154,22 @@ def run(config, workdir: str) -> dict[str, Any]:
     report_lib.write_report(workdir, report, before, after)
     _print_summary(report)
   return report
+
+
+def method_context(config, workdir: str, mesh: jax.sharding.Mesh) -> Context:
+  """Data, the frozen model and the host stages every method's `prepare` starts from."""
+  data = prepare_data(config, workdir, write=sharding.is_primary())
+  _check_trainable_data(config, data)
+  mc = config.model
+  pre = load_pretrained(mc.name_or_path, dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat,
+                        layer_loop=mc.layer_loop)
+  # The retention scenario fine-tunes a safety-trained model: that is then the frozen
+  # model of every stage, "before" included (semsafe_jax/retention). None otherwise.
+  aligned = aligned_lib.load_for_run(config, workdir, pre.params, pre.cfg, data,
+                                     sharding.is_primary())
+  model_cfg = pre.cfg if aligned is None else aligned.cfg
+  params = jax.device_put(pre.params if aligned is None else aligned.params)
+  return Context(config, workdir, data, model_cfg, params, pre.tokenizer, mesh, aligned=aligned)
 
 
 def _check_trainable_data(config, data: PreparedData) -> None:
