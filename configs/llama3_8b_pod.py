@@ -12,7 +12,7 @@ def get_config():
   c.model.name_or_path = "meta-llama/Llama-3.1-8B-Instruct"
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "bfloat16"  # frozen weights; adapters stay float32
-  c.model.remat = True
+  c.model.remat = "full"
   # Global batch (split over all chips): keep it divisible by data * fsdp.
   c.data.harmful_per_step = 64
   c.data.benign_per_step = 64

@@ -162,7 +162,7 @@ def check_model(config: Any) -> None:
     one_of(config, field, DTYPES)
   remat = get(config, "model.remat")
   if present(remat) and remat not in (False, True, None, "", "off", "full", "dots"):
-    fail("model.remat", remat, "expected False, True, 'full' or 'dots'")
+    fail("model.remat", remat, "expected 'off', 'full' or 'dots'")
   one_of(config, "model.layer_loop", ("auto", "scan", "unroll"))
   name = get(config, "model.name_or_path")
   if present(name):

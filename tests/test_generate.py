@@ -324,7 +324,15 @@ def test_layer_loops_match(family_kw):
 def test_layer_loop_is_checked():
   with pytest.raises(ValueError, match="layer_loop"):
     CFG.replace(layer_loop="sometimes")
-  assert transformer.unrolls_layers(CFG) == (jax.default_backend() == "cpu")  # auto
+  cpu = jax.default_backend() == "cpu"
+  assert transformer.unrolls_layers(CFG) == cpu  # auto
+  # Under remat a differentiated forward scans (XLA:CPU undoes remat in unrolled code);
+  # decoding, which remat does not touch, keeps the unrolled loop on CPU.
+  for remat in ("full", "dots", True):
+    assert not transformer.unrolls_layers(CFG.replace(remat=remat))
+    assert transformer.unrolls_layers(CFG.replace(remat=remat), differentiated=False) == cpu
+  assert transformer.unrolls_layers(CFG.replace(remat="off")) == cpu
+  assert transformer.unrolls_layers(CFG.replace(remat="full", layer_loop="unroll"))
 
 
 def test_scanned_decoding_matches_unrolled(params, traces):

@@ -91,6 +91,10 @@ def test_train_step_compiles_once_and_decoding_once_per_bucket(trained):
   eff = rep["efficiency"]
   # Several buckets (two models, evaluation lengths, prefills), none compiled twice.
   assert eff["decode_traces"] == eff["decode_keys"] >= 4, eff
+  # Peak host memory when each stage ended: a running maximum, the last not above the total.
+  peaks = list(eff["stage_peak_rss_gb"].values())
+  assert list(eff["stage_peak_rss_gb"]) == list(eff["stage_seconds"])
+  assert 0 < peaks[0] and peaks == sorted(peaks) and peaks[-1] <= eff["peak_rss_gb"], eff
 
 
 def test_rerun_resumes_instead_of_retraining(trained):

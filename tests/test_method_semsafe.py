@@ -334,3 +334,39 @@ def test_contrast_margin_against_hand_computation(base, adapters, aux):
   want = (0.6 * hinge[0] + 0.55 * hinge[1]) / 1.15
   np.testing.assert_allclose(m["l_contrast"], want, rtol=1e-4)
   np.testing.assert_allclose(loss, m["l_safety"] + 2.0 * m["l_contrast"], rtol=1e-5)
+
+
+class _WordTokenizer:
+  pad_token_id = 0
+
+  def encode(self, text, add_special_tokens=False):
+    del add_special_tokens
+    return [3 + len(w) % (V - 3) for w in text.split()]
+
+
+def test_prompt_rows_are_as_wide_as_the_longest_prompt(monkeypatch):
+  """Prompt-only rows are cut to the longest prompt, rounded up to 16 (not data.max_len)."""
+  real = T.probe_lib.encode_prompts
+  monkeypatch.setattr(T.probe_lib, "encode_prompts",
+                      lambda tok, texts, max_len: real(tok, texts, max_len, chat=False))
+  tok = _WordTokenizer()
+  r = T._prompt_rows(tok, ["a " * 5, "bb " * 20], max_len=128)
+  assert r.ids.shape == (2, 32)
+  np.testing.assert_array_equal(r.mask.sum(1), [5, 20])
+  assert T._prompt_rows(tok, ["a " * 200], max_len=128).ids.shape == (1, 128)  # capped
+  t = r.take(np.array([1, 0]))
+  np.testing.assert_array_equal(t.prompt_end, [19, 4])
+
+
+def test_unlabeled_term_does_not_depend_on_padding_width(base, adapters, aux):
+  """Right padding is masked: the same prompts at width 9 and 40 give the same loss."""
+  def term(width):
+    u = T.Unlabeled(anchor=prompt_tokens([5, 7, 4], width, 3),
+                    partner=prompt_tokens([6, 3, 8], width, 4),
+                    weight=np.array([0.9, 0.75, 0.8], np.float32),
+                    valid=np.array([True, True, True]))
+    sb = T.SemsafeBatch(safety=to_batch(make_batch()), unlabeled=u)
+    spec = T.LossSpec.from_config(loss_cfg(w_capability=0.0))
+    return T.loss(adapters, {"base": base, "aux": aux}, sb, None, spec=spec, model_cfg=TINY,
+                  adapter_cfg=ACFG)[1]["l_consistency_unlabeled"]
+  np.testing.assert_allclose(term(9), term(40), rtol=1e-5)

@@ -125,6 +125,16 @@ def test_bad_value_is_one_line_naming_field_value_and_allowed(field, value, allo
   assert allowed in message, message
 
 
+@pytest.mark.parametrize("value", ["off", "full", "dots"])
+def test_every_remat_policy_can_be_chosen_on_the_command_line(value):
+  """The documented choices parse as --config.model.remat=... (a bool default would not)."""
+  from semsafe_jax.experiments import grid  # pylint: disable=g-import-not-at-top
+  config = grid.parse_config(os.path.join(ROOT, "configs", "default.py"),
+                             [f"--config.model.remat={value}"])
+  assert config.model.remat == value
+  validate.validate(config)
+
+
 def test_lora_rank_zero_is_fine_without_targets():
   config = _config()
   config.adapters.lora_targets = ("",)  # what --config.adapters.lora_targets='' gives

@@ -139,7 +139,8 @@ def run(config, workdir: str) -> dict[str, Any]:
                 "consistency_share_mean": cons["consistency_share_mean"],
                 "final_metrics": history[-1] if history else {}},
       "efficiency": {"stage_seconds": clock.seconds,
-                     "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                     "peak_rss_gb": _peak_rss_gb(),
+                     "stage_peak_rss_gb": clock.peak_gb,
                      # Compilations of the decoder in this invocation, and for how many
                      # distinct (model, batch rows, prompt bucket, max new tokens, sampling).
                      "decode_traces": len(decode_traces),
@@ -184,16 +185,23 @@ def _check_trainable_data(config, data: PreparedData) -> None:
                     "or set --config.data.benign_per_step=0")
 
 
+def _peak_rss_gb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 class _Stages:
-  """Wall seconds per stage of this process."""
+  """Wall seconds per stage of this process, and its peak host memory when each ended
+  (a running maximum: the stage where it grows is the one that set it)."""
 
   def __init__(self):
     self.seconds: dict[str, float] = {}
+    self.peak_gb: dict[str, float] = {}
     self._t = time.time()
 
   def done(self, name: str) -> float:
     now = time.time()
     self.seconds[name] = round(now - self._t, 2)
+    self.peak_gb[name] = round(_peak_rss_gb(), 3)
     self._t = now
     return self.seconds[name]
 
@@ -259,4 +267,5 @@ def _print_summary(report: dict[str, Any]) -> None:
                      f"{100 * s['ci95'][1]:.0f}]" if s else "-")
     print(f"{split:<18}{fmt(b):>22}{fmt(a):>22}")
   print(f"trainable params: {report['trainable_params']:,} / {report['total_params']:,}; "
-        f"training {report['train_seconds']:.0f} s")
+        f"training {report['train_seconds']:.0f} s; "
+        f"peak host memory {report['efficiency']['peak_rss_gb']:.1f} GB")

@@ -507,9 +507,15 @@ class _PromptRows:
                   weight=np.ones(len(idx), np.float32))
 
 
-def _prompt_rows(tokenizer, texts: list[str], max_len: int) -> _PromptRows:
+def _prompt_rows(tokenizer, texts: list[str], max_len: int, multiple: int = 16) -> _PromptRows:
+  """Rows as wide as the longest prompt (rounded up to `multiple`, at most max_len): a
+  prompt is much shorter than data.max_len, which bounds prompt + response, and every
+  padded column would cost the step its forward, backward and stored activations."""
   ids, mask = probe_lib.encode_prompts(tokenizer, texts, max_len)
-  return _PromptRows(ids=np.asarray(ids, np.int32), mask=np.asarray(mask, bool))
+  longest = int(np.asarray(mask).sum(1).max(initial=1))
+  width = min(int(max_len), -(-longest // multiple) * multiple)
+  return _PromptRows(ids=np.asarray(ids, np.int32)[:, :width],
+                     mask=np.asarray(mask, bool)[:, :width])
 
 
 def _loss_fn(trainable, frozen, batch, rng, *, spec, model_cfg, adapter_cfg):

@@ -116,7 +116,8 @@ def _decode(params: Params, embed_fn: jax.tree_util.Partial, ids_BxP: jax.Array,
   N = max_new_tokens
   mask_BxS = jnp.concatenate([mask_BxP, jnp.zeros((B, N), bool)], axis=1)
   cache = transformer.init_cache(cfg, B, P + N)
-  if transformer.unrolls_layers(cfg):  # per-layer arrays: sliced once, not once per token
+  # Per-layer arrays: sliced once, not once per token.
+  if transformer.unrolls_layers(cfg, differentiated=False):
     params = transformer.unstack_layers(params, cfg.num_layers)
     cache = transformer.unstack_cache(cache, cfg.num_layers)
   out = transformer.forward(params, cfg, inputs_embeds_BxTxD=embed_fn(params, cfg, ids_BxP),
