@@ -88,7 +88,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 # configs/default.py fields it inherits. Spelled out because the accelerator machine
 # may lack ml_collections; tests/test_bench_accelerator.py checks them against the files.
 POD = dict(harmful_per_step=64, benign_per_step=64, pairs_per_step=128, dtype="bfloat16",
-           param_dtype="bfloat16", remat=True, max_response_tokens=32)
+           param_dtype="bfloat16", remat="full", max_response_tokens=32)
 ADAPTERS = dict(lora_rank=8, lora_alpha=16.0, lora_dropout=0.0, embed_mlp=True,
                 embed_mlp_hidden=256, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj",
                                                     "gate_proj", "up_proj", "down_proj"))

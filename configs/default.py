@@ -43,7 +43,7 @@ def get_config():
   c.model.param_dtype = "float32"  # weights are cast to this while streaming in
   # Recompute each layer in the backward pass: off | full | dots. Full keeps the train step's
   # temporaries under 1 GB here (7.5 GB without), for about 14% more compute per step.
-  c.model.remat = "full"
+  c.model.remat = "off"
   # Layers as a scan (one compiled block) or unrolled (faster steps on CPU, longer compiles):
   # auto = scan on GPU/TPU; on CPU unroll, except a differentiated forward under remat (XLA:CPU
   # keeps an unrolled program's activations alive anyway) | scan | unroll.

@@ -186,7 +186,8 @@ def _check_trainable_data(config, data: PreparedData) -> None:
 
 
 def _peak_rss_gb() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  # Rounded like the per-stage figures, so that the last stage never reads above the total.
+  return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
 
 
 class _Stages:
@@ -201,7 +202,7 @@ class _Stages:
   def done(self, name: str) -> float:
     now = time.time()
     self.seconds[name] = round(now - self._t, 2)
-    self.peak_gb[name] = round(_peak_rss_gb(), 3)
+    self.peak_gb[name] = _peak_rss_gb()
     self._t = now
     return self.seconds[name]
 
