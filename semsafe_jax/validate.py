@@ -22,6 +22,7 @@ from semsafe_jax.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
 EXPORT_FORMATS = ("peft", "merged", "orbax")
+OVERLAP_STEPS = ("auto", "on", "off")  # train.overlap_steps; see train.trainer.overlaps_steps
 _MISSING = object()
 
 Check = Callable[[Any], None]
@@ -369,6 +370,7 @@ def check_train(config: Any) -> None:
   int_at_least(config, "train.max_bad_steps", 1)
   number_in(config, "train.end_lr_frac", 0.0, 1.0)
   one_of(config, "train.sharding", ("replicate", "fsdp", "tensor", "fsdp_tensor"))
+  one_of(config, "train.overlap_steps", OVERLAP_STEPS)
   mesh = get(config, "train.mesh")
   if present(mesh) and mesh is not None:
     axes = ("data", "fsdp", "model")

@@ -59,6 +59,7 @@ BAD = [
     ("train.grad_accum", 0, ">= 1"),
     ("train.end_lr_frac", 1.5, "[0, 1]"),
     ("train.sharding", "zero3", "replicate"),
+    ("train.overlap_steps", "sometimes", "auto, on, off"),
     ("adapters.lora_rank", 0, "lora_targets"),
     ("adapters.lora_targets", ("q_prj",), "q_proj"),
     ("adapters.lora_targets", ("layers/attn/(q_proj",), "regex"),

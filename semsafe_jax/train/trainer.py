@@ -79,6 +79,22 @@ class _SigtermFlag:
     self._old = {}
 
 
+def overlaps_steps(mode: str) -> bool:
+  """Whether fit queues step s+1 before it reads step s's metrics (train.overlap_steps).
+
+  On an accelerator the overlap hides the host's batch building behind the device's
+  step. On XLA:CPU the "device" is the host: the queued step's buffers are allocated
+  while the running step still holds its own, which doubles the step's working set (the
+  default main job: 20.6 GB peak overlapped, 11.2 GB not, 16.2 vs 14.5 s per step), and
+  the host work it would hide is small next to a CPU step. "auto" overlaps off the CPU.
+  """
+  if mode not in ("auto", "on", "off"):
+    raise ValueError(f"train.overlap_steps={mode!r}; expected auto, on or off")
+  if mode == "auto":
+    return jax.default_backend() != "cpu"
+  return mode == "on"
+
+
 def _micro_batches(batch_fn: BatchFn, step: int, accum: int) -> Any:
   """Micro-batches of optimizer step `step`, stacked on a leading axis."""
   if accum == 1:
@@ -255,6 +271,7 @@ def fit(loss_fn: step_lib.LossFn, init_trainable: Params, batch_fn: BatchFn, con
                                   metrics_sharding=sharding.replicated(mesh),
                                   donate=tc.get("donate", True))
   log_every = max(int(tc.log_every), 1)
+  overlap = overlaps_steps(tc.get("overlap_steps", "auto"))
   max_bad = int(tc.max_bad_steps)
   logger = _Logger(workdir, start, total, primary, tc.get("progress", True))
   history: list[dict[str, float]] = []
@@ -292,10 +309,13 @@ def fit(loss_fn: step_lib.LossFn, init_trainable: Params, batch_fn: BatchFn, con
     with sigterm:
       pending = None
       for s in range(start, total):
+        if not overlap and pending is not None:
+          finish(pending)
+          pending = None
         batch = sharding.shard_batch(_micro_batches(batch_fn, s, accum), mesh, batch_dim)
         state, metrics = train_step(state, frozen, batch)
-        # Block on the previous step's metrics only after queueing this step:
-        # the host builds each batch while the device runs the step before.
+        # Overlapped: block on the previous step's metrics only after queueing this step,
+        # so that the host builds each batch while the device runs the step before.
         if pending is not None:
           finish(pending)
         pending = metrics
