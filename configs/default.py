@@ -41,8 +41,8 @@ def get_config():
   c.model.name_or_path = "smollm2-135m-instruct"
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
   c.model.param_dtype = "float32"  # weights are cast to this while streaming in
-  # Recompute each layer in the backward pass: off | full | dots. Full keeps the train step's
-  # temporaries under 1 GB here (7.5 GB without), for about 14% more compute per step.
+  # Recompute each layer in the backward pass: off | full | dots. On this default's CPU step,
+  # full: 3.5 vs 11.2 GiB peak for 35% more time per step (benchmarks/README.md).
   c.model.remat = "off"
   # Layers as a scan (one compiled block) or unrolled (faster steps on CPU, longer compiles):
   # auto = scan on GPU/TPU; on CPU unroll, except a differentiated forward under remat (XLA:CPU
