@@ -8,9 +8,9 @@ Per method, in a process of its own (so each peak host memory is its own):
 `configs/methods/<name>.py` plus the flags after `--`, the main job's data and model stage, the
 method's real `prepare(ctx)` (its host stages: base-model answers, references, rewrites),
 then the shared trainer's `fit` for 2 + reps steps. A step's time is the interval between
-two consecutive `batch_fn` calls inside `fit`, which dispatches step s and then waits for
-step s-1: in steady state, one step of the real loop (batch building, host-to-device,
-the jitted update, metric read-back). The first two intervals (compilation) are dropped;
+two consecutive `batch_fn` calls inside `fit` (which reads step s-1's metrics before or,
+with train.overlap_steps on, after it queues step s): in steady state, one step of the
+real loop (batch building, host-to-device, the jitted update, metric read-back). The first two intervals (compilation) are dropped;
 the table gives the medians of the rest in wall and CPU seconds, the ratio to the first
 method, and the process's peak host memory (prepare and model included).
 
