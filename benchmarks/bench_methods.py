@@ -10,9 +10,10 @@ method's real `prepare(ctx)` (its host stages: base-model answers, references, r
 then the shared trainer's `fit` for 2 + reps steps. A step's time is the interval between
 two consecutive `batch_fn` calls inside `fit` (which reads step s-1's metrics before or,
 with train.overlap_steps on, after it queues step s): in steady state, one step of the
-real loop (batch building, host-to-device, the jitted update, metric read-back). The first two intervals (compilation) are dropped;
-the table gives the medians of the rest in wall and CPU seconds, the ratio to the first
-method, and the process's peak host memory (prepare and model included).
+real loop (batch building, host-to-device, the jitted update, metric read-back). The
+first two intervals (compilation) are dropped; the table gives the medians of the rest in
+wall and CPU seconds, the ratio to the first method, and the process's peak host memory
+(prepare and model included).
 
 Host stages are cached in `<workdir>/shared` (every method's config gets
 `data.cache_dir`, `eval.cache_dir` and `shared_dir` there), so a second run only times.

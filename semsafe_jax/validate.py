@@ -22,7 +22,7 @@ from semsafe_jax.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
 EXPORT_FORMATS = ("peft", "merged", "orbax")
-OVERLAP_STEPS = ("auto", "on", "off")  # train.overlap_steps; see train.trainer.overlaps_steps
+OVERLAP_STEPS = ("auto", "on", "off")  # train.overlap_steps: train.trainer.overlaps_steps
 _MISSING = object()
 
 Check = Callable[[Any], None]

@@ -99,9 +99,8 @@ def points(tables: Mapping[str, Sequence[dict[str, str]]], safety: str, overrefu
   return sorted(pts, key=lambda p: p.label != BASE_ARM)  # the base model first
 
 
-def _err(r: Rate) -> list[list[float]]:
-  return [[max(r.mean - r.lo, 0.0) if r.lo is not None else 0.0],
-          [max(r.hi - r.mean, 0.0) if r.hi is not None else 0.0]]
+def _err(r: Rate):
+  return plots._err([dataclasses.asdict(r)])  # pylint: disable=protected-access
 
 
 def figure(panels: dict[str, list[Point]], safety: str, out: str, min_safety: float,

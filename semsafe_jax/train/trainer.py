@@ -30,6 +30,7 @@ from semsafe_jax import files
 from semsafe_jax.train import checkpoint as ckpt_lib
 from semsafe_jax.train import monitor, sharding
 from semsafe_jax.train import step as step_lib
+from semsafe_jax.validate import OVERLAP_STEPS
 
 Params = Any
 BatchFn = Callable[[int], Any]
@@ -84,12 +85,12 @@ def overlaps_steps(mode: str) -> bool:
 
   On an accelerator the overlap hides the host's batch building behind the device's
   step. On XLA:CPU the "device" is the host: the queued step's buffers are allocated
-  while the running step still holds its own, which doubles the step's working set (the
-  default main job: 20.6 GB peak overlapped, 11.2 GB not, 16.2 vs 14.5 s per step), and
-  the host work it would hide is small next to a CPU step. "auto" overlaps off the CPU.
+  while the running step still holds its own, which doubles the step's working set, and
+  the host work it would hide is small next to a CPU step (benchmarks/README.md). "auto"
+  overlaps off the CPU.
   """
-  if mode not in ("auto", "on", "off"):
-    raise ValueError(f"train.overlap_steps={mode!r}; expected auto, on or off")
+  if mode not in OVERLAP_STEPS:
+    raise ValueError(f"train.overlap_steps={mode!r}; expected {', '.join(OVERLAP_STEPS)}")
   if mode == "auto":
     return jax.default_backend() != "cpu"
   return mode == "on"
