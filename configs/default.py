@@ -41,9 +41,9 @@ def get_config():
   c.model.name_or_path = "smollm2-135m-instruct"
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
   c.model.param_dtype = "float32"  # weights are cast to this while streaming in
-  # Recompute each layer in the backward pass: off | full | dots. On this default's CPU step,
-  # full: 3.5 vs 11.2 GiB peak for 35% more time per step (benchmarks/README.md).
-  c.model.remat = "off"
+  # Recompute each layer in the backward pass: off | full | dots. On this default's CPU step
+  # (benchmarks/README.md), full: 3.6 GiB peak at 11.6 s/step; off: 11.1 GiB at 9.7 s/step.
+  c.model.remat = "full"
   # Layers as a scan (one compiled block) or unrolled (faster steps on CPU, longer compiles):
   # auto = scan on GPU/TPU; on CPU unroll, except a differentiated forward under remat (XLA:CPU
   # keeps an unrolled program's activations alive anyway) | scan | unroll.
@@ -222,6 +222,9 @@ def get_config():
   c.eval = ml_collections.ConfigDict()
   c.eval.max_new_tokens = 32  # enough for the judge: refusals open the answer
   c.eval.batch_size = 32
+  # A generation batch of long prompts (attack templates) is halved until rows x (prompt +
+  # new tokens) fits this: it bounds the KV cache and prefill memory (0 = no cap).
+  c.eval.max_batch_tokens = 6144
   c.eval.max_per_split = 60  # deterministic subsample per report split (0 = all)
   c.eval.seed = 0
   c.eval.base_answer_tokens = 32  # length of the base answers L_capability trains on

@@ -131,3 +131,20 @@ def release() -> None:
     lib.scalable_allocation_command(0, None)  # TBBMALLOC_CLEAN_ALL_BUFFERS
   else:
     lib.MallocExtension_ReleaseFreeMemory()
+
+
+class ReleaseOnNewShape:
+  """Calls `release()` when a loop's batch shape changes (and not on every batch).
+
+  Loops over length buckets run one compiled program per bucket, each with its own
+  temporaries: without a release, the cache would keep every earlier bucket's freed
+  blocks beside the new ones, and the stage's peak would grow with its bucket count.
+  """
+
+  def __init__(self):
+    self._shape = None
+
+  def __call__(self, shape) -> None:
+    if shape != self._shape:
+      release()
+      self._shape = shape

@@ -425,5 +425,6 @@ def check_export(config: Any) -> None:
 def check_eval(config: Any) -> None:
   int_at_least(config, "eval.max_new_tokens", 1)
   int_at_least(config, "eval.batch_size", 1)
+  int_at_least(config, "eval.max_batch_tokens", 0)
   int_at_least(config, "eval.max_per_split", 0, " (0 = all)")
   int_at_least(config, "eval.base_answer_tokens", 1)

@@ -235,3 +235,26 @@ def test_smollm2_parameter_count():
   # Shapes from the model config alone (params=None) agree.
   ad2 = jax.eval_shape(lambda k: A.init_adapters(cfg, SMOLLM2, None, k), jax.random.key(0))
   assert A.count_params(ad2) == s["trainable"]
+
+
+def test_unstack_shared_keeps_one_copy_of_the_base_and_the_same_function():
+  """The main job's evaluation holds the base model and the unmerged adapted model per layer
+  (the unrolled decoder then reads weights in place): the kernels they share stay shared."""
+  from semsafe_jax.models import transformer  # pylint: disable=g-import-not-at-top
+  from semsafe_jax.models.loading import load_pretrained  # pylint: disable=g-import-not-at-top
+  pre = load_pretrained("tiny-random", tokenizer=False)
+  cfg = ml_collections.ConfigDict({"lora_rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.0,
+                                   "lora_targets": ("q_proj", "down_proj"),
+                                   "embed_mlp": False, "full_weights": False})
+  ad = A.init_adapters(cfg, pre.cfg, pre.params, jax.random.key(0))
+  ad = jax.tree.map(lambda x: x + 0.05, ad)  # nonzero B: the adapters change the function
+  adapted = A.apply_adapters(pre.params, ad, cfg, merge=False)
+  base_l, adapted_l = transformer.unstack_shared(pre.cfg.num_layers, pre.params, adapted)
+  for i in range(pre.cfg.num_layers):
+    b, a = base_l["layers"][i]["attn"]["q_proj"], adapted_l["layers"][i]["attn"]["q_proj"]
+    assert a["kernel"] is b["kernel"] and "lora_a" in a and "lora_a" not in b
+  ids = jnp.asarray([[5, 9, 13, 2, 7]])
+  for stacked, layered in ((pre.params, base_l), (adapted, adapted_l)):
+    np.testing.assert_allclose(transformer.forward(layered, pre.cfg, ids).logits,
+                               transformer.forward(stacked, pre.cfg, ids).logits, atol=1e-5)
+  assert transformer.unstack_shared(pre.cfg.num_layers, base_l)[0] is base_l  # already per layer

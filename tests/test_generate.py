@@ -214,6 +214,22 @@ def test_compiles_once_per_shape_bucket(params, tokenizer, traces):
   assert len(set(got)) == len(got) == gen.decode._cache_size()
 
 
+def test_max_batch_tokens_gives_long_prompts_fewer_rows(params, tokenizer, traces):
+  """rows x (prompt bucket + new tokens) stays within the cap: short prompts keep the full
+  batch, long ones are split into halves or quarters, and every answer is unchanged."""
+  short = [" ".join(f"w{(i + j) % 60}" for j in range(3)) for i in range(8)]
+  long = [" ".join(f"w{(i * 3 + j) % 60}" for j in range(50)) for i in range(8)]
+  kw = dict(max_new_tokens=8, batch_size=8)
+  plain = gen.generate_batch(params, CFG, tokenizer, short + long, **kw)
+  # 8 x (32 + 8) = 320 fits; 8 x (64 + 8) = 576 does not, 4 x 72 = 288 does.
+  capped = gen.generate_batch(params, CFG, tokenizer, short + long, max_batch_tokens=320, **kw)
+  assert capped.token_ids == plain.token_ids
+  got = [(t.rows, t.prompt_len) for t in traces()]
+  assert got == [(8, 32), (8, 64), (4, 64)]
+  assert gen._rows_within(8, 72, 10) == 1  # a cap below one row: one row at a time
+  assert gen._rows_within(8, 72, 0) == 8  # 0 = no cap
+
+
 def test_generate_text_api(params, tokenizer):
   prompts = ["w1 w2 w3", "w5", "w7 w8 w9 w10 w11 w12", "w3 w3", "w40 w41 w42"]
   out = gen.generate_batch(params, CFG, tokenizer, prompts, max_new_tokens=6, batch_size=2)

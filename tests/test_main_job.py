@@ -83,8 +83,8 @@ def test_report_has_the_documented_shape(trained):
 
 def test_train_step_compiles_once_and_decoding_once_per_bucket(trained):
   """Counted on the real train step (trainer.fit's TrainStep) and the real decoder
-  (models/generate.py's jit) over the whole job: data, base answers, probe, training,
-  every evaluation on both models."""
+  (models/generate.py's jit) in the evaluation stage: every evaluation on both models
+  (the job drops compiled programs between stages, so earlier stages' do not carry over)."""
   rep = json.loads((trained.parent / "first_report.json").read_text())
   assert rep["train"]["start_step"] == 0 and rep["train"]["steps_run"] == STEPS
   assert rep["train"]["step_traces"] == 1

@@ -95,3 +95,26 @@ def test_reexec_keeps_the_command_reuses_freed_memory_and_releases_it():
   # release() hands the cached 512 MB back (a no-op under glibc, which never held it).
   assert cached["held_mb"] - cached["released_mb"] > 400
   assert plain["held_mb"] - plain["released_mb"] < 100
+
+
+def test_release_on_new_shape_releases_once_per_shape(monkeypatch):
+  calls = []
+  monkeypatch.setattr(malloc, "release", lambda: calls.append(1))
+  new_shape = malloc.ReleaseOnNewShape()
+  for shape in [32, 32, 64, 64, 64, (64, 8), (64, 8), 32]:
+    new_shape(shape)
+  assert len(calls) == 4  # 32, 64, (64, 8), 32 again
+
+
+def test_generation_releases_between_prompt_buckets(monkeypatch):
+  """A caching allocator keeps each bucket's freed temporaries unless told to hand them back:
+  generation does so when the bucket changes and when it ends, not after every batch."""
+  from semsafe_jax.models import generate as gen_lib  # pylint: disable=g-import-not-at-top
+  from semsafe_jax.models.loading import load_pretrained  # pylint: disable=g-import-not-at-top
+  pre = load_pretrained("tiny-random")
+  calls = []
+  monkeypatch.setattr(malloc, "release", lambda: calls.append(1))
+  short, long = "hi", " ".join(["word"] * 60)  # two prompt buckets
+  gen_lib.generate(pre.params, pre.cfg, pre.tokenizer, [short] * 4 + [long] * 4,
+                   max_new_tokens=2, batch_size=2)
+  assert len(calls) == 3  # entering each of the two buckets, and at the end

@@ -120,11 +120,12 @@ def param_summary(adapters: Params, base_params: Any) -> dict[str, float]:
           "lora_pct": 100.0 * lora / model, "trainable_pct": 100.0 * trainable / model}
 
 
-def apply_trained(base_params: Params, trained: Params, adapter_cfg: Any
+def apply_trained(base_params: Params, trained: Params, adapter_cfg: Any, *, merge: bool = True
                   ) -> tuple[Params, EmbedFn | None]:
-  """(params, embed_fn) for generation with trained adapters: LoRA merged, full weights in
-  place, and the embedding MLP as a Partial (its weights traced by the jitted decoder, not
-  baked into it); embed_fn is None without an MLP."""
-  params = apply_adapters(base_params, trained, adapter_cfg)
+  """(params, embed_fn) for generation with trained adapters: LoRA merged (or, with
+  merge=False, beside kernels shared with base_params: no second copy of the model),
+  full weights in place, and the embedding MLP as a Partial (its weights traced by the
+  jitted decoder, not baked into it); embed_fn is None without an MLP."""
+  params = apply_adapters(base_params, trained, adapter_cfg, merge=merge)
   embed_fn = adapted_embed_fn(trained) if trained.get("embed_mlp") is not None else None
   return params, embed_fn

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from semsafe_jax import files
+from semsafe_jax import files, malloc
 from semsafe_jax.configs import cfg_get
 from semsafe_jax.eval import stats
 from semsafe_jax.losses.capability import token_kl
@@ -111,6 +111,7 @@ class ModelUnderTest:
   tokenizer: Any
   embed_fn: Any = None
   batch_size: int = 8
+  max_batch_tokens: int = 0  # long prompts take fewer rows (generate.generate); 0 = no cap
   cache_file: str | None = None
   _memo: dict[str, tuple[str, list[int], bool]] = dataclasses.field(default_factory=dict,
                                                                     repr=False)
@@ -151,7 +152,8 @@ class ModelUnderTest:
       out = gen_lib.generate_batch(
           self.params, self.cfg, self.tokenizer, [prompts[i] for i in idx],
           max_new_tokens=int(max_new_tokens), batch_size=int(self.batch_size),
-          embed_fn=self.embed_fn, prefills=[prefills[i] for i in idx])
+          embed_fn=self.embed_fn, prefills=[prefills[i] for i in idx],
+          max_batch_tokens=int(self.max_batch_tokens))
       logging.info("%s: %d answers of up to %d tokens in %.1f s.", self.name, len(idx),
                    max_new_tokens, time.perf_counter() - t0)
       new = []
@@ -179,7 +181,8 @@ class ModelUnderTest:
     """Per response token log-prob under this model (teacher-forced after the chat prompt)."""
     out: list[np.ndarray | None] = [None] * len(prompts)
     embed = gen_lib.as_embed_partial(self.embed_fn)
-    for idx, b in _scoring_batches(self.tokenizer, prompts, responses, self.batch_size):
+    for idx, b in _scoring_batches(self.tokenizer, prompts, responses,
+                                   _scoring_rows(self.batch_size)):
       lp = np.asarray(_logprobs(self.params, embed, b.ids, b.mask, b.pos, b.tgt, cfg=self.cfg))
       for r, i in enumerate(idx):
         out[i] = lp[r, :b.lengths[r]]
@@ -194,7 +197,8 @@ def answer_token_kl(base: ModelUnderTest, model: ModelUnderTest, prompts: Sequen
     return [np.zeros(len(_response_ids(base.tokenizer, r)), np.float32) for r in responses]
   out: list[np.ndarray | None] = [None] * len(prompts)
   ep, eq = gen_lib.as_embed_partial(base.embed_fn), gen_lib.as_embed_partial(model.embed_fn)
-  for idx, b in _scoring_batches(base.tokenizer, prompts, responses, model.batch_size):
+  for idx, b in _scoring_batches(base.tokenizer, prompts, responses,
+                                 _scoring_rows(model.batch_size)):
     kl = np.asarray(_pair_kl(base.params, ep, model.params, eq, b.ids, b.mask, b.pos,
                              cfg=base.cfg))
     for r, i in enumerate(idx):
@@ -211,6 +215,13 @@ class _ScoreBatch:
   lengths: list[int]  # response tokens per real row
 
 
+def _scoring_rows(batch_size: int) -> int:
+  # Scoring holds [rows, tokens, vocabulary] logits (two models' for the KL), where a
+  # generation step holds [rows, vocabulary]: a quarter of the generation batch keeps
+  # its peak memory below generation's.
+  return max(1, batch_size // 4)
+
+
 def _response_ids(tokenizer: Any, response: str | Sequence[int]) -> list[int]:
   return chat_lib.encode_prefill(tokenizer, response)
 
@@ -225,10 +236,12 @@ def _scoring_batches(tokenizer: Any, prompts: Sequence[str],
   pad = chat_lib.pad_id(tokenizer)
   rows = gen_lib.batch_rows(len(prompts), batch_size)
   order = sorted(range(len(prompts)), key=lambda i: len(p_ids[i]) + len(r_ids[i]))
+  new_shape = malloc.ReleaseOnNewShape()
   for start in range(0, len(order), rows):
     idx = order[start:start + rows]
     L = gen_lib.prompt_bucket(max(len(p_ids[i]) + len(r_ids[i]) for i in idx))
     N = max(8, -(-max(len(r_ids[i]) for i in idx) // 8) * 8)
+    new_shape((L, N))
     ids = np.full((rows, L), pad, np.int32)
     mask = np.zeros((rows, L), bool)
     pos = np.zeros((rows, N), np.int32)
@@ -240,6 +253,7 @@ def _scoring_batches(tokenizer: Any, prompts: Sequence[str],
       pos[r, :len(t)] = len(p) - 1 + np.arange(len(t))
       tgt[r, :len(t)] = t
     yield idx, _ScoreBatch(ids, mask, pos, tgt, [len(r_ids[i]) for i in idx])
+  malloc.release()
 
 
 def _response_logits(params, embed, ids_BxL, mask_BxL, pos_BxN, cfg):

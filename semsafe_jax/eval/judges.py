@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from semsafe_jax import files
+from semsafe_jax import files, malloc
 from semsafe_jax.eval import judge as string_judge
 from semsafe_jax.models import chat as chat_lib
 from semsafe_jax.models import generate as gen_lib
@@ -222,9 +222,11 @@ class LLMJudge(Judge):
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     score = np.zeros(len(ids), np.float32)
     yes, no = jnp.asarray(self.yes), jnp.asarray(self.no)
+    new_shape = malloc.ReleaseOnNewShape()
     for start in range(0, len(order), rows):
       idx = order[start:start + rows]
       length = gen_lib.prompt_bucket(max(len(ids[i]) for i in idx))
+      new_shape(length)
       ids_BxP, mask_BxP = chat_lib.left_pad([ids[i] for i in idx], length=length, rows=rows,
                                             pad=pad)
       logits_BxV = _last_logits(self.params, ids_BxP, mask_BxP, cfg=self.cfg)

@@ -31,6 +31,7 @@ from semsafe_jax.eval.evaluators import refusal_splits
 from semsafe_jax.files import read_jsonl, write_jsonl
 from semsafe_jax.methods.context import Context
 from semsafe_jax.models import generate as gen_lib
+from semsafe_jax.models import transformer
 from semsafe_jax.models.loading import load_pretrained
 from semsafe_jax.retention import aligned as aligned_lib
 from semsafe_jax.train import checkpoint as ckpt_lib
@@ -49,7 +50,6 @@ EVAL_SPLITS = {g: refusal_splits.GROUPS[g] for g in (
 
 def run(config, workdir: str) -> dict[str, Any]:
   validate.validate(config)  # as the command line does, for library callers: before any work
-  decode_traces_before = len(gen_lib.traces())
   method = methods.get(config.method.name)
   eval_lib.check_config(config)
   sharding.initialize_distributed(config)
@@ -67,6 +67,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   # The frozen base model, as every evaluation sees it; its answers are cached on disk.
   base_m = eval_lib.ModelUnderTest(
       "before", params, model_cfg, tokenizer, batch_size=ec.batch_size,
+      max_batch_tokens=int(ec.get("max_batch_tokens", 0)),
       cache_file=eval_lib.base_cache_file(config, workdir, aligned.identity if aligned else ""))
   eval_sets = _eval_sets(data, config)
   before = _cached_answers(os.path.join(workdir, "answers_before.jsonl"), eval_sets,
@@ -77,7 +78,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   ctx.probe  # pylint: disable=pointless-statement; the probe report is part of every run
   clock.done("before_and_probe")
   prepared = method.prepare(ctx)
-  malloc.release()
+  _drop_compiled()
   clock.done("method_prepare")
 
   summary = adapters_lib.param_summary(prepared.trainable, params)
@@ -93,11 +94,21 @@ def run(config, workdir: str) -> dict[str, Any]:
     trained = prepared.finalize(trained)
   del prepared
   trained = jax.device_get(trained)
-  malloc.release()
+  _drop_compiled()
+  decode_traces_before = len(gen_lib.traces())
 
-  adapted, embed_fn = adapters_lib.apply_trained(params, trained, config.adapters)
+  # Unmerged: the evaluations hold the base model beside the adapted one (KL, "before"
+  # answers), and merged kernels would be a second copy of the model in host memory.
+  adapted, embed_fn = adapters_lib.apply_trained(params, trained, config.adapters, merge=False)
+  if aligned is None and transformer.unrolls_layers(model_cfg, differentiated=False):
+    # An unrolled decoder slices every layer out of the stacked weights on each call: a
+    # copy of the model among its temporaries. Held per layer instead (one copy, shared
+    # by both models), the decoder reads them in place. The stacked arrays go.
+    params, adapted = transformer.unstack_shared(model_cfg.num_layers, params, adapted)
+    ctx.params = base_m.params = params
   after_m = eval_lib.ModelUnderTest("after", adapted, model_cfg, tokenizer, embed_fn=embed_fn,
-                                    batch_size=ec.batch_size)
+                                    batch_size=ec.batch_size,
+                                    max_batch_tokens=int(ec.get("max_batch_tokens", 0)))
   after = _answers(eval_sets, lambda ps: after_m.generate(ps, ec.max_new_tokens))
   evals, _ = eval_lib.run_evals(
       config, eval_lib.EvalContext(config=config, workdir=workdir, data=data, base=base_m),
@@ -141,7 +152,7 @@ def run(config, workdir: str) -> dict[str, Any]:
       "efficiency": {"stage_seconds": clock.seconds,
                      "peak_rss_gb": _peak_rss_gb(),
                      "stage_peak_rss_gb": clock.peak_gb,
-                     # Compilations of the decoder in this invocation, and for how many
+                     # Compilations of the decoder in the evaluation stage, and for how many
                      # distinct (model, batch rows, prompt bucket, max new tokens, sampling).
                      "decode_traces": len(decode_traces),
                      "decode_keys": len(set(decode_traces)),
@@ -160,6 +171,7 @@ def run(config, workdir: str) -> dict[str, Any]:
 def method_context(config, workdir: str, mesh: jax.sharding.Mesh) -> Context:
   """Data, the frozen model and the host stages every method's `prepare` starts from."""
   data = prepare_data(config, workdir, write=sharding.is_primary())
+  malloc.release()  # the sentence encoder's buffers, before the model moves in
   _check_trainable_data(config, data)
   mc = config.model
   pre = load_pretrained(mc.name_or_path, dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat,
@@ -183,6 +195,14 @@ def _check_trainable_data(config, data: PreparedData) -> None:
     raise DataError(f"config.data.sources={tuple(config.data.sources)!r}: no benign or "
                     "borderline prompts to train on; add a source with some (e.g. builtin), "
                     "or set --config.data.benign_per_step=0")
+
+
+def _drop_compiled() -> None:
+  """Frees what the next stage does not reuse: every compiled program (an unrolled decoder
+  is about 80 MB of machine code per prompt bucket for SmolLM2-135M, the train step
+  another) and the caching allocator's free blocks. The next stage's peak starts lower."""
+  jax.clear_caches()
+  malloc.release()
 
 
 def _peak_rss_gb() -> float:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from semsafe_jax import malloc
 from semsafe_jax.models import chat as chat_lib
 from semsafe_jax.models import transformer
 from semsafe_jax.models.config import ModelConfig
@@ -52,6 +53,17 @@ def prompt_bucket(n: int, minimum: int = 32) -> int:
 def batch_rows(n_prompts: int, batch_size: int) -> int:
   """Rows per compiled batch: few prompts get a small power-of-two batch."""
   return min(batch_size, 1 << max(0, n_prompts - 1).bit_length())
+
+
+def _rows_within(rows: int, tokens_per_row: int, max_batch_tokens: int) -> int:
+  """rows, halved until rows x tokens_per_row fits max_batch_tokens (0 = no cap; >= 1 row).
+
+  The KV cache and the prefill's activations grow with rows x (prompt + new tokens): long
+  prompts (jailbreak templates) take fewer rows, so that one batch's memory stays bounded.
+  """
+  while max_batch_tokens and rows > 1 and rows * tokens_per_row > max_batch_tokens:
+    rows //= 2
+  return rows
 
 
 def _sample(logits_BxV: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
@@ -190,7 +202,7 @@ def generate_batch(params: Params, cfg: ModelConfig, tokenizer: Any, prompts: Se
                    stop_strings: Sequence[str] = (), chat: bool = True,
                    embed_fn: EmbedFn | None = None, stop_ids: Sequence[int] | None = None,
                    prefills: Sequence[str | Sequence[int] | None] | None = None,
-                   ) -> Generation:
+                   max_batch_tokens: int = 0) -> Generation:
   """Like `generate`, but also returns token ids and finished flags per prompt."""
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
@@ -212,10 +224,17 @@ def generate_batch(params: Params, cfg: ModelConfig, tokenizer: Any, prompts: Se
 
   out_ids: list[list[int]] = [[] for _ in prompts]
   out_fin = [False] * len(prompts)
-  for b, start in enumerate(range(0, len(order), rows)):
+  new_shape = malloc.ReleaseOnNewShape()
+  start, b = 0, 0
+  while start < len(order):
     idx = order[start:start + rows]
     length = prompt_bucket(max(len(ids[i]) for i in idx))
-    ids_BxP, mask_BxP = chat_lib.left_pad([ids[i] for i in idx], length=length, rows=rows, pad=pad)
+    B = _rows_within(rows, length + max_new_tokens, max_batch_tokens)
+    if B < rows:
+      idx = idx[:B]
+      length = prompt_bucket(max(len(ids[i]) for i in idx))
+    new_shape((B, length))
+    ids_BxP, mask_BxP = chat_lib.left_pad([ids[i] for i in idx], length=length, rows=B, pad=pad)
     tokens_BxN, lengths_B, finished_B, _ = jax.device_get(decode(
         params, embed, ids_BxP, mask_BxP, stop_E, jax.random.fold_in(key, b), np.int32(pad),
         cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling))
@@ -223,6 +242,8 @@ def generate_batch(params: Params, cfg: ModelConfig, tokenizer: Any, prompts: Se
       n = int(lengths_B[r]) - int(finished_B[r])  # drop the end token itself
       out_ids[i] = tokens_BxN[r, :n].tolist()
       out_fin[i] = bool(finished_B[r])
+    start, b = start + len(idx), b + 1
+  malloc.release()
 
   out_texts = []
   for i, toks in enumerate(out_ids):
@@ -238,7 +259,8 @@ def generate(params: Params, cfg: ModelConfig, tokenizer: Any, prompts: Sequence
              top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
              stop_strings: Sequence[str] = (), chat: bool = True,
              embed_fn: EmbedFn | None = None,
-             prefills: Sequence[str | Sequence[int] | None] | None = None) -> list[str]:
+             prefills: Sequence[str | Sequence[int] | None] | None = None,
+             max_batch_tokens: int = 0) -> list[str]:
   """Completes each prompt; returns only the new text (special tokens stripped).
 
   chat=True renders each prompt as a user turn with the tokenizer's chat
@@ -252,8 +274,12 @@ def generate(params: Params, cfg: ModelConfig, tokenizer: Any, prompts: Sequence
   prefills: one per prompt (None or "" for none), a string or token ids that the
   assistant turn already begins with; the answer continues it, and only the
   continuation is returned (the prefilling attack, forced answer openings).
+
+  max_batch_tokens: when > 0, a batch of long prompts takes fewer rows (halving
+  batch_size) so that rows x (prompt bucket + max_new_tokens) stays within it.
   """
   return generate_batch(params, cfg, tokenizer, prompts, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                         batch_size=batch_size, stop_strings=stop_strings, chat=chat,
-                        embed_fn=embed_fn, prefills=prefills).texts
+                        embed_fn=embed_fn, prefills=prefills,
+                        max_batch_tokens=max_batch_tokens).texts

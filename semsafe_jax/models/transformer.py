@@ -303,6 +303,29 @@ def unstack_layers(params: Params, num_layers: int) -> Params:
                                for i in range(num_layers)]}
 
 
+def unstack_shared(num_layers: int, *trees: Params) -> tuple[Params, ...]:
+  """Each params tree with per-layer "layers" (see `forward`), outside jit. A stacked array
+  that several trees share (the base kernels under unmerged LoRA) is split once and its
+  slices shared, so the trees together still hold one copy of each weight."""
+  memo: dict[int, tuple[jax.Array, list[jax.Array]]] = {}
+
+  def split(a):
+    if id(a) not in memo:  # the array rides along, so its id stays its own
+      memo[id(a)] = (a, [a[i] for i in range(num_layers)])
+    return memo[id(a)][1]
+
+  is_split = lambda x: isinstance(x, list)
+  out = []
+  for tree in trees:
+    if isinstance(tree["layers"], (list, tuple)):
+      out.append(tree)
+      continue
+    per = jax.tree.map(split, tree["layers"])
+    out.append({**tree, "layers": [jax.tree.map(lambda s, i=i: s[i], per, is_leaf=is_split)
+                                   for i in range(num_layers)]})
+  return tuple(out)
+
+
 def unstack_cache(cache: dict[str, jax.Array], num_layers: int) -> dict[str, list[jax.Array]]:
   """A stacked cache {"k","v": [L, B, S, K, H]} as per-layer lists (see `forward`)."""
   return {name: [c[i] for i in range(num_layers)] for name, c in cache.items()}
