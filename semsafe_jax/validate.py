@@ -257,7 +257,7 @@ def check_data(config: Any) -> None:
   number_in(config, "data.pairable_anchor_frac", 0.0, 1.0)
   for field in ("unlabeled_k", "contrast_k"):
     int_at_least(config, f"data.{field}", 1)
-  for field in ("unlabeled_per_step", "contrast_per_step"):
+  for field in ("unlabeled_per_step", "contrast_per_step", "pack_width"):
     int_at_least(config, f"data.{field}", 0)
   number_in(config, "data.unlabeled_harmful_share", 0.0, 1.0)
   number_in(config, "data.contrast_tau", -1.0, 1.0, low_open=True, high_open=True,

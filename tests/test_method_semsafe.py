@@ -370,3 +370,55 @@ def test_unlabeled_term_does_not_depend_on_padding_width(base, adapters, aux):
     return T.loss(adapters, {"base": base, "aux": aux}, sb, None, spec=spec, model_cfg=TINY,
                   adapter_cfg=ACFG)[1]["l_consistency_unlabeled"]
   np.testing.assert_allclose(term(9), term(40), rtol=1e-5)
+
+
+@pytest.mark.parametrize("repr_kw", [
+    dict(consistency_repr="refusal_prob", scorer="first_token"),
+    dict(consistency_repr="refusal_prob", scorer="probe"),  # a hidden state, mean-pooled
+], ids=["first_token", "probe"])
+def test_packed_prompt_rows_give_the_same_loss_and_gradient(base, adapters, aux, repr_kw,
+                                                           fast_compile):
+  """Unlabelled and contrast rows packed several to a row: the same loss and gradient."""
+  del fast_compile
+  lengths = ([5, 7, 4, 6], [6, 3, 8, 2], [4, 9], [7, 3])
+  rows = [T._PromptRows(ids=t.ids, mask=t.mask)
+          for t in (prompt_tokens(n, 16, seed) for seed, n in enumerate(lengths))]
+  spec = T.LossSpec.from_config(loss_cfg(w_contrast=1.0, contrast_margin=0.5, **repr_kw))
+
+  def batch(rows):
+    take = [r.take(np.arange(r.ids.shape[0])) for r in rows]
+    u = T.Unlabeled(anchor=take[0], partner=take[1],
+                    weight=np.array([0.9, 0.75, 0.8, 0.7], np.float32), valid=np.ones(4, bool))
+    c = T.Contrast(harmful=take[2], safe=take[3], weight=np.array([0.6, 0.55], np.float32),
+                   valid=np.ones(2, bool))
+    return T.SemsafeBatch(safety=to_batch(make_batch()), unlabeled=u, contrast=c)
+
+  def run(a, sb):
+    return T.loss(a, {"base": base, "aux": aux}, sb, None, spec=spec, model_cfg=TINY,
+                  adapter_cfg=ACFG)
+
+  packed = [r.packed_for(lambda s, n=r.ids.shape[0]: np.arange(n), steps=1, width=12)
+            for r in rows]
+  # 22, 19, 13 and 10 real tokens in rows of 16: 2, 2, 2 and 1 packed rows of 12.
+  assert [p.packed_rows for p in packed] == [2, 2, 2, 1]
+  plain, pk = batch(rows), batch(packed)
+  assert pk.unlabeled.partner.packed.ids.shape == (2, 12)
+  grad = jax.jit(jax.grad(run, has_aux=True))
+  (g0, m0), (g1, m1) = grad(adapters, plain), grad(adapters, pk)
+  for k in ("l_total", "l_consistency_unlabeled", "l_contrast"):
+    np.testing.assert_allclose(m1[k], m0[k], rtol=2e-5, atol=1e-7)
+  for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(x, y, rtol=2e-4, atol=1e-6)
+
+
+def test_prompt_rows_pack_only_when_it_saves_tokens():
+  t = prompt_tokens([9, 9, 9, 9], 10, 0)
+  rows = T._PromptRows(ids=t.ids, mask=t.mask)
+  assert rows.packed_for(lambda s: np.arange(4), steps=3, width=12).packed_rows == 0
+  assert rows.packed_for(lambda s: np.arange(4), steps=3, width=0) is rows
+  # A prompt longer than the width widens the rows; the plan covers every step's draw.
+  t = prompt_tokens([3, 2, 14, 2], 16, 0)
+  rows = T._PromptRows(ids=t.ids, mask=t.mask)
+  p = rows.packed_for(lambda s: np.array([[0, 1, 3, 1], [2, 0, 1, 3]][s]), steps=2, width=8)
+  assert (p.packed_rows, p.packed_width) == (2, 14)
+  assert p.take(np.array([2, 0, 1, 3])).packed.ids.shape == (2, 14)

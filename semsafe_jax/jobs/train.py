@@ -67,7 +67,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   # The frozen base model, as every evaluation sees it; its answers are cached on disk.
   base_m = eval_lib.ModelUnderTest(
       "before", params, model_cfg, tokenizer, batch_size=ec.batch_size,
-      max_batch_tokens=int(ec.get("max_batch_tokens", 0)),
+      max_batch_tokens=ec.max_batch_tokens,
       cache_file=eval_lib.base_cache_file(config, workdir, aligned.identity if aligned else ""))
   eval_sets = _eval_sets(data, config)
   before = _cached_answers(os.path.join(workdir, "answers_before.jsonl"), eval_sets,
@@ -108,7 +108,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     ctx.params = base_m.params = params
   after_m = eval_lib.ModelUnderTest("after", adapted, model_cfg, tokenizer, embed_fn=embed_fn,
                                     batch_size=ec.batch_size,
-                                    max_batch_tokens=int(ec.get("max_batch_tokens", 0)))
+                                    max_batch_tokens=ec.max_batch_tokens)
   after = _answers(eval_sets, lambda ps: after_m.generate(ps, ec.max_new_tokens))
   evals, _ = eval_lib.run_evals(
       config, eval_lib.EvalContext(config=config, workdir=workdir, data=data, base=base_m),

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import flax.struct
 import numpy as np
 
-from semsafe_jax.train import inputs
+from semsafe_jax.train import inputs, packing
 
 Params = Any
 LossFn = Callable[[Params, Any, Any, Any], tuple[Any, dict[str, Any]]]
@@ -33,6 +33,9 @@ class Tokens:
   target_mask: Any  # bool [B, L], True at response tokens
   prompt_end: Any  # int32 [B], index of the last prompt token
   weight: Any  # float32 [B], per-row loss weight
+  # Prompt-only rows may also come packed (train/packing.py): the forward then runs on
+  # the packed rows and reads the states back into this [B, L] layout.
+  packed: packing.Packed | None = None
 
   @classmethod
   def take(cls, rows: inputs.Rows, idx: np.ndarray, weight: np.ndarray | None = None

@@ -73,7 +73,7 @@ class Context:
     kw = {} if prefills is None else {"prefills": list(prefills)}
     return gen_lib.generate(self.params, self.model_cfg, tokenizer=self.tokenizer,
                             prompts=list(prompts), batch_size=ec.batch_size,
-                            max_batch_tokens=int(ec.get("max_batch_tokens", 0)),
+                            max_batch_tokens=ec.max_batch_tokens,
                             max_new_tokens=int(max_new_tokens or ec.max_new_tokens), **kw)
 
   def cached_answers(self, name: str, prompts: Sequence[str],

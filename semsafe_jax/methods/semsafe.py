@@ -47,6 +47,7 @@ from semsafe_jax.models import transformer
 from semsafe_jax.models.config import ModelConfig
 from semsafe_jax.probes import safety as probe_lib
 from semsafe_jax.probes.heads import masked_mean_pool
+from semsafe_jax.train import packing
 
 Params = dict[str, Any]
 
@@ -295,15 +296,26 @@ def loss(trainable: Params, frozen: Params, sbatch: SemsafeBatch, rng: jax.Array
 def _prompt_view(params: Params, cfg: ModelConfig, aux: Params, embed_fn: Callable, t: Tokens,
                  need_states: bool, need_first: bool) -> _Harm:
   """The forward of prompt-only rows (no response to read), as REPRS and SCORERS read it."""
-  out = transformer.forward(params, cfg, inputs_embeds_BxTxD=embed_fn(params, cfg, t.ids),
-                            attention_mask_BxS=t.mask, output_hidden_states=need_states,
-                            compute_logits=False)
+  pk = t.packed
+  if pk is None:
+    out = transformer.forward(params, cfg, inputs_embeds_BxTxD=embed_fn(params, cfg, t.ids),
+                              attention_mask_BxS=t.mask, output_hidden_states=need_states,
+                              compute_logits=False)
+    hidden, states = out.hidden, out.hidden_states
+  else:  # the same states, computed on packed rows and read back into t's layout
+    out = transformer.forward(params, cfg, inputs_embeds_BxTxD=embed_fn(params, cfg, pk.ids),
+                              attention_mask_BxS=pk.mask, segment_ids_BxT=pk.segment_ids,
+                              positions_BxT=pk.positions, output_hidden_states=need_states,
+                              compute_logits=False)
+    hidden = packing.unpack(out.hidden, pk.unpack)
+    states = (jax.vmap(packing.unpack, in_axes=(0, None))(out.hidden_states, pk.unpack)
+              if need_states else None)
   first_logits = None
   if need_first:
     first_logits = transformer.lm_head(params, cfg,
-                                       gather_positions(out.hidden, t.prompt_end[:, None]))[:, 0]
-  return _Harm(params=params, cfg=cfg, aux=aux, tokens=t, hidden=out.hidden,
-               states=out.hidden_states if need_states else None, embed_fn=embed_fn,
+                                       gather_positions(hidden, t.prompt_end[:, None]))[:, 0]
+  return _Harm(params=params, cfg=cfg, aux=aux, tokens=t, hidden=hidden,
+               states=states if need_states else None, embed_fn=embed_fn,
                first_logits=first_logits, resp_logits=None, resp_mask=None)
 
 
@@ -456,9 +468,13 @@ def _unlabeled_stage(ctx, spec: LossSpec):
     raise ValueError("loss.scorer='classifier' reads a response, which unlabelled partners "
                      "lack: use another scorer or set data.unlabeled_per_step=0.")
   tok, max_len = ctx.tokenizer, int(dc.max_len)
-  anchors = _prompt_rows(tok, data.texts(partners.anchor_rows), max_len)
-  others = _prompt_rows(tok, partners.texts, max_len)
   share, seed = float(dc.get("unlabeled_harmful_share", 0.5)), int(ctx.config.seed)
+  draws = lambda s: unlabeled_lib.sample(partners, n, share, seed, s)[0]
+  steps, width = _run_steps(ctx.config), int(dc.pack_width)
+  anchors = _prompt_rows(tok, data.texts(partners.anchor_rows), max_len).packed_for(
+      draws, steps, width, "unlabelled anchors")
+  others = _prompt_rows(tok, partners.texts, max_len).packed_for(
+      draws, steps, width, "unlabelled partners")
 
   def unlabeled_fn(step: int) -> Unlabeled:
     idx, valid = unlabeled_lib.sample(partners, n, share, seed, step)
@@ -484,8 +500,12 @@ def _contrast_stage(ctx, spec: LossSpec):
   if not len(pairs):
     return None, {"contrast": stats}
   tok, max_len, seed = ctx.tokenizer, int(dc.max_len), int(ctx.config.seed)
-  harmful = _prompt_rows(tok, data.texts(pairs.harmful_rows), max_len)
-  safe = _prompt_rows(tok, data.texts(pairs.safe_rows), max_len)
+  draws = lambda s: contrast_lib.sample(pairs, n, seed, s)[0]
+  steps, width = _run_steps(ctx.config), int(dc.pack_width)
+  harmful = _prompt_rows(tok, data.texts(pairs.harmful_rows), max_len).packed_for(
+      draws, steps, width, "contrast harmful rows")
+  safe = _prompt_rows(tok, data.texts(pairs.safe_rows), max_len).packed_for(
+      draws, steps, width, "contrast safe rows")
 
   def contrast_fn(step: int) -> Contrast:
     idx, valid = contrast_lib.sample(pairs, n, seed, step)
@@ -499,12 +519,38 @@ class _PromptRows:
   """Prompt-only chat rows, right-padded (no response: target_mask is all False)."""
   ids: np.ndarray
   mask: np.ndarray
+  packed_rows: int = 0  # > 0: take() also packs its prompts into this many rows of
+  packed_width: int = 0  # this many tokens
 
   def take(self, idx: np.ndarray) -> Tokens:
-    mask = self.mask[idx]
-    return Tokens(ids=self.ids[idx], mask=mask, target_mask=np.zeros_like(mask),
+    ids, mask = self.ids[idx], self.mask[idx]
+    packed = (packing.pack(ids, mask, self.packed_rows, self.packed_width)
+              if self.packed_rows else None)
+    return Tokens(ids=ids, mask=mask, target_mask=np.zeros_like(mask),
                   prompt_end=(mask.sum(1) - 1).astype(np.int32),
-                  weight=np.ones(len(idx), np.float32))
+                  weight=np.ones(len(idx), np.float32), packed=packed)
+
+  def packed_for(self, draws: Callable[[int], np.ndarray], steps: int, width: int,
+                 what: str = "prompt rows") -> "_PromptRows":
+    """These rows, packing each step's draw (`draws(step)`: row indices) into rows of
+    `width` tokens (widened to the longest prompt), if even the run's fullest step then
+    computes fewer tokens than unpacked."""
+    if width <= 0 or steps <= 0:
+      return self
+    lengths = self.mask.sum(1)
+    width = max(int(width), int(lengths.max(initial=1)))
+    rows = packing.rows_for_run(lambda s: lengths[draws(s)], steps, width)
+    n, plain = len(draws(0)), len(draws(0)) * self.ids.shape[1]
+    if rows * width >= plain:
+      return self
+    logging.info("Packing %s: %d prompts per step in %d rows of %d tokens (%d instead of %d).",
+                 what, n, rows, width, rows * width, plain)
+    return dataclasses.replace(self, packed_rows=rows, packed_width=width)
+
+
+def _run_steps(config) -> int:
+  """Batches the run draws: train.steps optimizer steps of train.grad_accum micro-steps."""
+  return int(config.train.steps) * int(config.train.get("grad_accum", 1))
 
 
 def _prompt_rows(tokenizer, texts: list[str], max_len: int, multiple: int = 16) -> _PromptRows:

@@ -335,6 +335,7 @@ def forward(params: Params, cfg: ModelConfig, input_ids_BxT: jax.Array | None = 
             inputs_embeds_BxTxD: jax.Array | None = None,
             attention_mask_BxS: jax.Array | None = None,
             positions_BxT: jax.Array | None = None,
+            segment_ids_BxT: jax.Array | None = None,
             cache: dict[str, jax.Array] | None = None,
             cache_index: jax.Array | int = 0,
             output_hidden_states: bool = False,
@@ -344,7 +345,9 @@ def forward(params: Params, cfg: ModelConfig, input_ids_BxT: jax.Array | None = 
   Without a cache, S == T and attention_mask_BxS marks real tokens (left or
   right padding). With a cache, the T new tokens are written at slots
   [cache_index, cache_index + T) and attention_mask_BxS marks every filled
-  slot of the cache (the caller keeps it up to date).
+  slot of the cache (the caller keeps it up to date). `segment_ids_BxT` (no cache) packs
+  several sequences per row: a token attends only to earlier tokens of its own segment;
+  pass their positions too (train/packing.py).
 
   `params["layers"]` may also be a list of per-layer dicts (with the cache,
   if any, as per-layer lists {"k","v": L x [B, S, K, H]}): the layers then run
@@ -355,6 +358,8 @@ def forward(params: Params, cfg: ModelConfig, input_ids_BxT: jax.Array | None = 
   """
   if (input_ids_BxT is None) == (inputs_embeds_BxTxD is None):
     raise ValueError("Pass exactly one of input_ids_BxT or inputs_embeds_BxTxD.")
+  if segment_ids_BxT is not None and cache is not None:
+    raise ValueError("segment_ids_BxT packs training rows; decoding with a cache takes none")
   x = embed(params, cfg, input_ids_BxT) if inputs_embeds_BxTxD is None else inputs_embeds_BxTxD
   x = x.astype(cfg.dtype)
   B, T, _ = x.shape
@@ -372,11 +377,15 @@ def forward(params: Params, cfg: ModelConfig, input_ids_BxT: jax.Array | None = 
     pos_BxS = jnp.maximum(jnp.cumsum(mask_BxS, axis=1) - 1, 0)
     positions_BxT = jax.lax.dynamic_slice_in_dim(pos_BxS, cache_index, T, axis=1)
 
-  # Padding is contiguous, so slot distance == position distance.
+  # Padding and packed segments are contiguous: within a sequence, slot distance == position
+  # distance.
   q_slot_T = cache_index + jnp.arange(T)
   k_slot_S = jnp.arange(S)
   causal_TxS = k_slot_S[None, :] <= q_slot_T[:, None]
   glob_BxTxS = causal_TxS[None] & mask_BxS[:, None, :]
+  if segment_ids_BxT is not None:
+    seg_BxT = jnp.asarray(segment_ids_BxT)
+    glob_BxTxS = glob_BxTxS & (seg_BxT[:, :, None] == seg_BxT[:, None, :])
   if cfg.sliding_window:
     near_TxS = (q_slot_T[:, None] - k_slot_S[None, :]) < cfg.sliding_window
     local_BxTxS = glob_BxTxS & near_TxS[None]
