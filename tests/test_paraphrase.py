@@ -11,6 +11,7 @@ import pytest
 from semsafe_jax.data.schema import text_key
 from semsafe_jax.methods import paraphrase as P
 from semsafe_jax.methods.context import Context
+from semsafe_jax.train import sharding
 
 
 @pytest.mark.parametrize("raw,want", [
@@ -278,7 +279,10 @@ def test_ours_takes_the_variants_as_unlabelled_partners(tmp_path, monkeypatch):
                            for t in texts]))
   ctx, calls = fake_ctx(tmp_path, {})
   ctx.config.method.paraphrases_per_prompt = 0
-  ctx.config.data.update(dict(unlabeled_per_step=4, unlabeled_harmful_share=0.5, max_len=64))
+  ctx.config.data.update(dict(unlabeled_per_step=4, unlabeled_harmful_share=0.5, max_len=64,
+                              pack_width=64))
+  ctx.config.train = ml_collections.ConfigDict(dict(steps=3))
+  ctx.mesh = sharding.make_mesh({})
   ctx.tokenizer = load_pretrained("tiny-random").tokenizer
   stage = semsafe._unlabeled_stage  # pylint: disable=protected-access
   unlabeled_fn, report = stage(ctx, semsafe.LossSpec())

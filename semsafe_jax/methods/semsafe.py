@@ -47,7 +47,7 @@ from semsafe_jax.models import transformer
 from semsafe_jax.models.config import ModelConfig
 from semsafe_jax.probes import safety as probe_lib
 from semsafe_jax.probes.heads import masked_mean_pool
-from semsafe_jax.train import packing
+from semsafe_jax.train import packing, sharding
 
 Params = dict[str, Any]
 
@@ -470,11 +470,12 @@ def _unlabeled_stage(ctx, spec: LossSpec):
   tok, max_len = ctx.tokenizer, int(dc.max_len)
   share, seed = float(dc.get("unlabeled_harmful_share", 0.5)), int(ctx.config.seed)
   draws = lambda s: unlabeled_lib.sample(partners, n, share, seed, s)[0]
-  steps, width = _run_steps(ctx.config), int(dc.pack_width)
+  plan = dict(steps=_run_steps(ctx.config), width=int(dc.pack_width),
+              shards=sharding.batch_size_divisor(ctx.mesh))
   anchors = _prompt_rows(tok, data.texts(partners.anchor_rows), max_len).packed_for(
-      draws, steps, width, "unlabelled anchors")
+      draws, what="unlabelled anchors", **plan)
   others = _prompt_rows(tok, partners.texts, max_len).packed_for(
-      draws, steps, width, "unlabelled partners")
+      draws, what="unlabelled partners", **plan)
 
   def unlabeled_fn(step: int) -> Unlabeled:
     idx, valid = unlabeled_lib.sample(partners, n, share, seed, step)
@@ -501,11 +502,12 @@ def _contrast_stage(ctx, spec: LossSpec):
     return None, {"contrast": stats}
   tok, max_len, seed = ctx.tokenizer, int(dc.max_len), int(ctx.config.seed)
   draws = lambda s: contrast_lib.sample(pairs, n, seed, s)[0]
-  steps, width = _run_steps(ctx.config), int(dc.pack_width)
+  plan = dict(steps=_run_steps(ctx.config), width=int(dc.pack_width),
+              shards=sharding.batch_size_divisor(ctx.mesh))
   harmful = _prompt_rows(tok, data.texts(pairs.harmful_rows), max_len).packed_for(
-      draws, steps, width, "contrast harmful rows")
+      draws, what="contrast harmful rows", **plan)
   safe = _prompt_rows(tok, data.texts(pairs.safe_rows), max_len).packed_for(
-      draws, steps, width, "contrast safe rows")
+      draws, what="contrast safe rows", **plan)
 
   def contrast_fn(step: int) -> Contrast:
     idx, valid = contrast_lib.sample(pairs, n, seed, step)
@@ -531,15 +533,18 @@ class _PromptRows:
                   weight=np.ones(len(idx), np.float32), packed=packed)
 
   def packed_for(self, draws: Callable[[int], np.ndarray], steps: int, width: int,
-                 what: str = "prompt rows") -> "_PromptRows":
+                 what: str = "prompt rows", shards: int = 1) -> "_PromptRows":
     """These rows, packing each step's draw (`draws(step)`: row indices) into rows of
     `width` tokens (widened to the longest prompt), if even the run's fullest step then
-    computes fewer tokens than unpacked."""
+    computes fewer tokens than unpacked. The row count is a multiple of `shards` (the
+    batch shards), so that the packed rows split over the devices instead of every device
+    computing all of them."""
     if width <= 0 or steps <= 0:
       return self
     lengths = self.mask.sum(1)
     width = max(int(width), int(lengths.max(initial=1)))
     rows = packing.rows_for_run(lambda s: lengths[draws(s)], steps, width)
+    rows = -(-rows // shards) * shards
     n, plain = len(draws(0)), len(draws(0)) * self.ids.shape[1]
     if rows * width >= plain:
       return self
