@@ -308,14 +308,14 @@ def _prompt_view(params: Params, cfg: ModelConfig, aux: Params, embed_fn: Callab
                               positions_BxT=pk.positions, output_hidden_states=need_states,
                               compute_logits=False)
     hidden = packing.unpack(out.hidden, pk.unpack)
-    states = (jax.vmap(packing.unpack, in_axes=(0, None))(out.hidden_states, pk.unpack)
-              if need_states else None)
+    states = (None if out.hidden_states is None else
+              jax.vmap(packing.unpack, in_axes=(0, None))(out.hidden_states, pk.unpack))
   first_logits = None
   if need_first:
     first_logits = transformer.lm_head(params, cfg,
                                        gather_positions(hidden, t.prompt_end[:, None]))[:, 0]
   return _Harm(params=params, cfg=cfg, aux=aux, tokens=t, hidden=hidden,
-               states=states if need_states else None, embed_fn=embed_fn,
+               states=states, embed_fn=embed_fn,
                first_logits=first_logits, resp_logits=None, resp_mask=None)
 
 
@@ -469,16 +469,15 @@ def _unlabeled_stage(ctx, spec: LossSpec):
                      "lack: use another scorer or set data.unlabeled_per_step=0.")
   tok, max_len = ctx.tokenizer, int(dc.max_len)
   share, seed = float(dc.get("unlabeled_harmful_share", 0.5)), int(ctx.config.seed)
-  draws = lambda s: unlabeled_lib.sample(partners, n, share, seed, s)[0]
-  plan = dict(steps=_run_steps(ctx.config), width=int(dc.pack_width),
-              shards=sharding.batch_size_divisor(ctx.mesh))
+  sample = functools.partial(unlabeled_lib.sample, partners, n, share, seed)
+  draws, plan = lambda s: sample(s)[0], _pack_plan(ctx)
   anchors = _prompt_rows(tok, data.texts(partners.anchor_rows), max_len).packed_for(
       draws, what="unlabelled anchors", **plan)
   others = _prompt_rows(tok, partners.texts, max_len).packed_for(
       draws, what="unlabelled partners", **plan)
 
   def unlabeled_fn(step: int) -> Unlabeled:
-    idx, valid = unlabeled_lib.sample(partners, n, share, seed, step)
+    idx, valid = sample(step)
     return Unlabeled(anchor=anchors.take(idx), partner=others.take(idx),
                      weight=partners.weight[idx] * valid, valid=valid)
   return unlabeled_fn, report
@@ -501,16 +500,15 @@ def _contrast_stage(ctx, spec: LossSpec):
   if not len(pairs):
     return None, {"contrast": stats}
   tok, max_len, seed = ctx.tokenizer, int(dc.max_len), int(ctx.config.seed)
-  draws = lambda s: contrast_lib.sample(pairs, n, seed, s)[0]
-  plan = dict(steps=_run_steps(ctx.config), width=int(dc.pack_width),
-              shards=sharding.batch_size_divisor(ctx.mesh))
+  sample = functools.partial(contrast_lib.sample, pairs, n, seed)
+  draws, plan = lambda s: sample(s)[0], _pack_plan(ctx)
   harmful = _prompt_rows(tok, data.texts(pairs.harmful_rows), max_len).packed_for(
       draws, what="contrast harmful rows", **plan)
   safe = _prompt_rows(tok, data.texts(pairs.safe_rows), max_len).packed_for(
       draws, what="contrast safe rows", **plan)
 
   def contrast_fn(step: int) -> Contrast:
-    idx, valid = contrast_lib.sample(pairs, n, seed, step)
+    idx, valid = sample(step)
     return Contrast(harmful=harmful.take(idx), safe=safe.take(idx),
                     weight=pairs.weight[idx] * valid, valid=valid)
   return contrast_fn, {"contrast": stats}
@@ -545,7 +543,8 @@ class _PromptRows:
     width = max(int(width), int(lengths.max(initial=1)))
     rows = packing.rows_for_run(lambda s: lengths[draws(s)], steps, width)
     rows = -(-rows // shards) * shards
-    n, plain = len(draws(0)), len(draws(0)) * self.ids.shape[1]
+    n = len(draws(0))
+    plain = n * self.ids.shape[1]
     if rows * width >= plain:
       return self
     logging.info("Packing %s: %d prompts per step in %d rows of %d tokens (%d instead of %d).",
@@ -553,9 +552,13 @@ class _PromptRows:
     return dataclasses.replace(self, packed_rows=rows, packed_width=width)
 
 
-def _run_steps(config) -> int:
-  """Batches the run draws: train.steps optimizer steps of train.grad_accum micro-steps."""
-  return int(config.train.steps) * int(config.train.get("grad_accum", 1))
+def _pack_plan(ctx) -> dict[str, int]:
+  """`_PromptRows.packed_for`'s settings: the batches the run draws (train.steps optimizer
+  steps of train.grad_accum micro-steps), data.pack_width and the batch shards."""
+  tc = ctx.config.train
+  return dict(steps=int(tc.steps) * int(tc.get("grad_accum", 1)),
+              width=int(ctx.config.data.pack_width),
+              shards=sharding.batch_size_divisor(ctx.mesh))
 
 
 def _prompt_rows(tokenizer, texts: list[str], max_len: int, multiple: int = 16) -> _PromptRows:
