@@ -76,8 +76,7 @@ def one(method: str, workdir: str, reps: int, base: str | None, flags: list[str]
   path = os.path.join("configs", "methods", f"{method}.py") + (f":{base}" if base else "")
   config = grid.parse_config(path, [
       f"--config.data.cache_dir={shared}/cache", f"--config.eval.cache_dir={shared}/eval",
-      f"--config.shared_dir={shared}", *flags,
-      f"--config.train.steps={WARM + 1 + reps}", "--config.checkpoint.every=1000000",
+      f"--config.shared_dir={shared}", *flags, "--config.checkpoint.every=1000000",
       "--config.train.progress=False", "--config.overwrite=True"])
   if int(config.train.get("grad_accum", 1)) != 1:  # then batch_fn runs per micro-step
     raise SystemExit("bench_methods: times one batch_fn call per step; use train.grad_accum=1")
@@ -86,7 +85,10 @@ def one(method: str, workdir: str, reps: int, base: str | None, flags: list[str]
   t0 = time.time()
   mesh = sharding.make_mesh(dict(config.train.get("mesh", {}) or {}))
   ctx = train_job.method_context(config, wd, mesh)  # as the main job builds it
+  # prepare sees the configured run's train.steps (packed rows are planned over all of its
+  # batches, so the timed steps have the real run's shapes); fit then runs only a few.
   prepared = methods.get(config.method.name).prepare(ctx)
+  config.train.steps = WARM + 1 + reps
   prepare_s = time.time() - t0
   n_trainable = adapters_lib.param_summary(prepared.trainable, ctx.params)["trainable"]
   clock = _Clock(prepared.batch_fn)

@@ -42,7 +42,8 @@ def get_config():
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
   c.model.param_dtype = "float32"  # weights are cast to this while streaming in
   # Recompute each layer in the backward pass: off | full | dots. On this default's CPU step
-  # (benchmarks/README.md), full peaks at 3.6 GiB, off at 11.1 GiB with a 14-28% shorter step.
+  # (benchmarks/README.md), full peaks at 3.6 GiB, off at 11.1 GiB with a step 3-16% shorter
+  # (by CPU).
   c.model.remat = "full"
   # Layers as a scan (one compiled block) or unrolled (faster steps on CPU, longer compiles):
   # auto = scan on GPU/TPU; on CPU unroll, except a differentiated forward under remat (XLA:CPU
@@ -89,10 +90,11 @@ def get_config():
   c.data.contrast_tau = 0.5
   c.data.contrast_k = 4
   c.data.contrast_per_step = 8
-  # Those prompt-only rows (unlabelled anchors and partners, contrast pairs) are packed
-  # several to a row of this many tokens when that computes fewer padding tokens: the same
-  # loss, less work (semsafe_jax/train/packing.py); 0 = one prompt per row.
-  c.data.pack_width = 128
+  # The step's row blocks (unlabelled anchors and partners, contrast pairs, and the harmful
+  # and benign rows with their targets) are each packed several to a row of this many tokens
+  # when that computes fewer padding tokens over the whole run: the same loss, less work
+  # (semsafe_jax/train/packing.py); 0 = one prompt per row.
+  c.data.pack_width = 160
   c.data.exclude_near_eval_only = True  # nor any prompt at cosine >= tau to an eval-only one
   c.data.refusals = "builtin"  # builtin | PATH (.jsonl with "text", or .txt one per line)
   c.data.cache_dir = ""  # SBERT embedding cache; "" = WORKDIR/cache

@@ -12,6 +12,7 @@ from semsafe_jax.losses import scorers
 from semsafe_jax.methods import semsafe as T
 from semsafe_jax.methods.base import Pairs, SafetyBatch, Tokens
 from semsafe_jax.models import transformer
+from semsafe_jax.train import packing
 
 
 def loss_cfg(**kw):
@@ -376,22 +377,27 @@ def test_unlabeled_term_does_not_depend_on_padding_width(base, adapters, aux):
     dict(consistency_repr="refusal_prob", scorer="first_token"),
     dict(consistency_repr="refusal_prob", scorer="probe"),  # a hidden state, mean-pooled
 ], ids=["first_token", "probe"])
-def test_packed_prompt_rows_give_the_same_loss_and_gradient(base, adapters, aux, repr_kw,
-                                                           fast_compile):
-  """Unlabelled and contrast rows packed several to a row: the same loss and gradient."""
+def test_packed_rows_give_the_same_loss_and_gradient(base, adapters, aux, repr_kw,
+                                                    fast_compile):
+  """Unlabelled and contrast rows, and the harmful and benign rows with their targets,
+  packed several to a row: the same loss and gradient."""
   del fast_compile
   lengths = ([5, 7, 4, 6], [6, 3, 8, 2], [4, 9], [7, 3])
   rows = [T._PromptRows(ids=t.ids, mask=t.mask)
           for t in (prompt_tokens(n, 16, seed) for seed, n in enumerate(lengths))]
   spec = T.LossSpec.from_config(loss_cfg(w_contrast=1.0, contrast_margin=0.5, **repr_kw))
 
-  def batch(rows):
+  def batch(rows, pack_safety=False):
     take = [r.take(np.arange(r.ids.shape[0])) for r in rows]
     u = T.Unlabeled(anchor=take[0], partner=take[1],
                     weight=np.array([0.9, 0.75, 0.8, 0.7], np.float32), valid=np.ones(4, bool))
     c = T.Contrast(harmful=take[2], safe=take[3], weight=np.array([0.6, 0.55], np.float32),
                    valid=np.ones(2, bool))
-    return T.SemsafeBatch(safety=to_batch(make_batch()), unlabeled=u, contrast=c)
+    safety = to_batch(make_batch())
+    if pack_safety:  # harmful rows of 9 tokens two to a row of 18; benign 9 + 8 and 9
+      pk = lambda t: t.replace(packed=packing.pack(t.ids, t.mask, 2, 18))
+      safety = safety.replace(harm=pk(safety.harm), benign=pk(safety.benign))
+    return T.SemsafeBatch(safety=safety, unlabeled=u, contrast=c)
 
   def run(a, sb):
     return T.loss(a, {"base": base, "aux": aux}, sb, None, spec=spec, model_cfg=TINY,
@@ -401,11 +407,14 @@ def test_packed_prompt_rows_give_the_same_loss_and_gradient(base, adapters, aux,
             for r in rows]
   # 22, 19, 13 and 10 real tokens in rows of 16: 2, 2, 2 and 1 packed rows of 12.
   assert [p.packed_rows for p in packed] == [2, 2, 2, 1]
-  plain, pk = batch(rows), batch(packed)
+  plain, pk = batch(rows), batch(packed, pack_safety=True)
   assert pk.unlabeled.partner.packed.ids.shape == (2, 12)
+  assert int(pk.safety.benign.packed.segment_ids.max()) == 2
   grad = jax.jit(jax.grad(run, has_aux=True))
   (g0, m0), (g1, m1) = grad(adapters, plain), grad(adapters, pk)
-  for k in ("l_total", "l_consistency_unlabeled", "l_contrast"):
+  assert float(m0["l_capability"]) > 0 and float(m0["l_safety"]) > 0
+  for k in ("l_total", "l_safety", "l_consistency", "l_capability",
+            "l_consistency_unlabeled", "l_contrast"):
     np.testing.assert_allclose(m1[k], m0[k], rtol=2e-5, atol=1e-7)
   for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
     np.testing.assert_allclose(x, y, rtol=2e-4, atol=1e-6)

@@ -50,6 +50,20 @@ def test_pack_unpack_round_trip_and_the_planned_rows():
   assert packing.rows_for_run(lambda s: np.asarray(steps[s]), 2, 8) == 3
 
 
+def test_plan_covers_the_fullest_step_and_only_packs_when_it_saves_tokens():
+  steps = {0: [5, 2, 7, 4], 1: [8, 8, 1, 3]}  # 4 rows of 12 per step unpacked: 48 tokens
+  of = lambda s: np.asarray(steps[s])
+  assert packing.plan(of, 1, 10, plain_tokens=48) == packing.Plan(rows=2, width=10)
+  assert packing.plan(of, 2, 10, plain_tokens=48) == packing.Plan(rows=3, width=10)
+  # Rounded up to the batch shards; not packed once that reaches the unpacked count.
+  assert packing.plan(of, 2, 10, plain_tokens=48, shards=2) == packing.Plan(rows=4, width=10)
+  assert packing.plan(of, 2, 10, plain_tokens=40, shards=2) is None
+  # Widened to the run's longest row; width or steps 0 turn packing off.
+  assert packing.plan(of, 2, 4, plain_tokens=48) == packing.Plan(rows=3, width=8)
+  assert packing.plan(of, 2, 0, plain_tokens=48) is None
+  assert packing.plan(of, 0, 10, plain_tokens=48) is None
+
+
 @pytest.mark.parametrize("family_kw", [{}, GEMMA], ids=["llama", "gemma3-sliding"])
 @pytest.mark.parametrize("remat", ["off", "full"])
 def test_packed_forward_equals_each_prompt_in_its_own_row(base, family_kw, remat):

@@ -33,8 +33,8 @@ class Tokens:
   target_mask: Any  # bool [B, L], True at response tokens
   prompt_end: Any  # int32 [B], index of the last prompt token
   weight: Any  # float32 [B], per-row loss weight
-  # Prompt-only rows may also come packed (train/packing.py): the forward then runs on
-  # the packed rows and reads the states back into this [B, L] layout.
+  # Rows may also come packed, several to a row (train/packing.py): the forward then runs
+  # on the packed rows and reads the states back into this [B, L] layout.
   packed: packing.Packed | None = None
 
   @classmethod

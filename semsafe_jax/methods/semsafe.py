@@ -235,17 +235,15 @@ def loss(trainable: Params, frozen: Params, sbatch: SemsafeBatch, rng: jax.Array
   # --- Harmful block: one forward serves L_safety and L_consistency.
   t = batch.harm
   need_states = _needs_states(spec, cfg)
-  out = transformer.forward(params, cfg, inputs_embeds_BxTxD=embed_fn(params, cfg, t.ids),
-                            attention_mask_BxS=t.mask, output_hidden_states=need_states,
-                            compute_logits=False)
+  hidden, states = rows_forward(params, cfg, t, embed_fn, need_states)
   pos, targets, tmask = target_positions(t.ids, t.target_mask, n_max)
   resp_logits = first_logits = None
   score_refusal = spec.uses_consistency and spec.consistency_repr == "refusal_prob"
   if spec.w_safety != 0.0 or (score_refusal and spec.scorer == "classifier"):
     # [B, n, V] at the positions predicting the refusal target.
-    resp_logits = transformer.lm_head(params, cfg, gather_positions(out.hidden, pos))
+    resp_logits = transformer.lm_head(params, cfg, gather_positions(hidden, pos))
   if _needs_first_logits(spec):
-    h_Bx1xD = gather_positions(out.hidden, t.prompt_end[:, None])
+    h_Bx1xD = gather_positions(hidden, t.prompt_end[:, None])
     first_logits = transformer.lm_head(params, cfg, h_Bx1xD)[:, 0]
 
   l_safety = (safety_loss(resp_logits, targets, tmask, t.weight, spec.safety_first_token_weight)
@@ -254,8 +252,8 @@ def loss(trainable: Params, frozen: Params, sbatch: SemsafeBatch, rng: jax.Array
 
   l_cons = zero
   if spec.uses_consistency:
-    h = _Harm(params=params, cfg=cfg, aux=aux, tokens=t, hidden=out.hidden,
-              states=out.hidden_states if need_states else None, embed_fn=embed_fn,
+    h = _Harm(params=params, cfg=cfg, aux=aux, tokens=t, hidden=hidden,
+              states=states if need_states else None, embed_fn=embed_fn,
               first_logits=first_logits, resp_logits=resp_logits, resp_mask=tmask)
     r = REPRS[spec.consistency_repr](h, spec)
     if spec.consistency_repr == "refusal_prob":
@@ -293,23 +291,33 @@ def loss(trainable: Params, frozen: Params, sbatch: SemsafeBatch, rng: jax.Array
   return total, metrics
 
 
+def rows_forward(params: Params, cfg: ModelConfig, t: Tokens, embed_fn: Callable | None = None,
+                 need_states: bool = False) -> tuple[jax.Array, Any]:
+  """(hidden [B, L, D] after the final norm, every layer's states [L+1, B, L, D] or None) of
+  t's rows; computed on t.packed when t comes packed, and read back into t's layout, so
+  what reads the states is the same either way. embed_fn None: the plain embedding."""
+  pk = t.packed
+  rows = t if pk is None else pk
+  kw = dict(attention_mask_BxS=rows.mask, output_hidden_states=need_states,
+            compute_logits=False)
+  if pk is not None:
+    kw.update(segment_ids_BxT=pk.segment_ids, positions_BxT=pk.positions)
+  if embed_fn is None:
+    out = transformer.forward(params, cfg, rows.ids, **kw)
+  else:
+    out = transformer.forward(params, cfg, inputs_embeds_BxTxD=embed_fn(params, cfg, rows.ids),
+                              **kw)
+  if pk is None:
+    return out.hidden, out.hidden_states
+  states = (None if out.hidden_states is None else
+            jax.vmap(packing.unpack, in_axes=(0, None))(out.hidden_states, pk.unpack))
+  return packing.unpack(out.hidden, pk.unpack), states
+
+
 def _prompt_view(params: Params, cfg: ModelConfig, aux: Params, embed_fn: Callable, t: Tokens,
                  need_states: bool, need_first: bool) -> _Harm:
   """The forward of prompt-only rows (no response to read), as REPRS and SCORERS read it."""
-  pk = t.packed
-  if pk is None:
-    out = transformer.forward(params, cfg, inputs_embeds_BxTxD=embed_fn(params, cfg, t.ids),
-                              attention_mask_BxS=t.mask, output_hidden_states=need_states,
-                              compute_logits=False)
-    hidden, states = out.hidden, out.hidden_states
-  else:  # the same states, computed on packed rows and read back into t's layout
-    out = transformer.forward(params, cfg, inputs_embeds_BxTxD=embed_fn(params, cfg, pk.ids),
-                              attention_mask_BxS=pk.mask, segment_ids_BxT=pk.segment_ids,
-                              positions_BxT=pk.positions, output_hidden_states=need_states,
-                              compute_logits=False)
-    hidden = packing.unpack(out.hidden, pk.unpack)
-    states = (None if out.hidden_states is None else
-              jax.vmap(packing.unpack, in_axes=(0, None))(out.hidden_states, pk.unpack))
+  hidden, states = rows_forward(params, cfg, t, embed_fn, need_states)
   first_logits = None
   if need_first:
     first_logits = transformer.lm_head(params, cfg,
@@ -365,15 +373,13 @@ def capability_term(params: Params, base_params: Params, cfg: ModelConfig, embed
   """(L_capability, target mask [B, n]) on a block of benign rows: KL to the frozen base
   ("kl"), or cross-entropy on its answers ("ce")."""
   b_pos, b_targets, b_tmask = target_positions(bt.ids, bt.target_mask, n_max)
-  out_b = transformer.forward(params, cfg, inputs_embeds_BxTxD=embed_fn(params, cfg, bt.ids),
-                              attention_mask_BxS=bt.mask, compute_logits=False)
-  logits_b = transformer.lm_head(params, cfg, gather_positions(out_b.hidden, b_pos))
+  hidden_b, _ = rows_forward(params, cfg, bt, embed_fn)
+  logits_b = transformer.lm_head(params, cfg, gather_positions(hidden_b, b_pos))
   base_logits = None
   if kind == "kl":
     bp = jax.lax.stop_gradient(base_params)
-    out_base = transformer.forward(bp, cfg, bt.ids, attention_mask_BxS=bt.mask,
-                                   compute_logits=False)
-    base_logits = transformer.lm_head(bp, cfg, gather_positions(out_base.hidden, b_pos))
+    hidden_base, _ = rows_forward(bp, cfg, bt)
+    base_logits = transformer.lm_head(bp, cfg, gather_positions(hidden_base, b_pos))
   return capability_loss(logits_b, b_tmask, base_logits_BxNxV=base_logits,
                          targets_BxN=b_targets, kind=kind, direction=direction,
                          first_token_weight=first_token_weight), b_tmask
@@ -423,7 +429,7 @@ def prepare(ctx) -> Prepared:
     unsafe_prob = ctx.probe_scores(ctx.sft.harm_rows)
     pair_weight_fn = lambda hi, b: probe_lib.probe_pair_weights(unsafe_prob[hi], b.pair_index,
                                                                 b.pair_weight)
-  safety_fn = ctx.safety_batch_fn(pair_weight_fn)
+  safety_fn = _packed_safety(ctx, ctx.safety_batch_fn(pair_weight_fn))
   unlabeled_fn, report = _unlabeled_stage(ctx, spec)
   contrast_fn, contrast_report = _contrast_stage(ctx, spec)
   report.update(contrast_report)
@@ -438,6 +444,28 @@ def prepare(ctx) -> Prepared:
   return Prepared(trainable=ctx.init_trainable(), loss_fn=loss_fn, batch_fn=batch_fn,
                   frozen={"base": ctx.params, "aux": aux}, frozen_axes=ctx.base_axes(),
                   report=report)
+
+
+def _packed_safety(ctx, safety_fn: Callable[[int], SafetyBatch]) -> Callable[[int], SafetyBatch]:
+  """safety_fn, its harmful and benign rows (prompt + target) packed per `packing.plan` where
+  that computes fewer tokens: the benign block costs two forwards (adapted and base)."""
+  pp = _pack_plan(ctx)
+  if pp["width"] <= 0:
+    return safety_fn
+  drawn = [ctx.batch_rows(s)[1:] for s in range(pp["steps"])]  # (harm, benign) rows per step
+  plans = {}
+  for i, (name, rows) in enumerate((("harmful", ctx.sft.harm), ("benign", ctx.sft.benign))):
+    lengths = rows.mask.sum(1)
+    plans[name] = packing.plan(lambda s: lengths[drawn[s][i]], pp["steps"], pp["width"],
+                               len(drawn[0][i]) * rows.ids.shape[1], pp["shards"], f"{name} rows")
+
+  def pack(t: Tokens, p: packing.Plan | None) -> Tokens:
+    return t if p is None else t.replace(packed=packing.pack(t.ids, t.mask, p.rows, p.width))
+
+  def packed_fn(step: int) -> SafetyBatch:
+    b = safety_fn(step)
+    return b.replace(harm=pack(b.harm, plans["harmful"]), benign=pack(b.benign, plans["benign"]))
+  return packed_fn
 
 
 def _unlabeled_stage(ctx, spec: LossSpec):
@@ -532,24 +560,13 @@ class _PromptRows:
 
   def packed_for(self, draws: Callable[[int], np.ndarray], steps: int, width: int,
                  what: str = "prompt rows", shards: int = 1) -> "_PromptRows":
-    """These rows, packing each step's draw (`draws(step)`: row indices) into rows of
-    `width` tokens (widened to the longest prompt), if even the run's fullest step then
-    computes fewer tokens than unpacked. The row count is a multiple of `shards` (the
-    batch shards), so that the packed rows split over the devices instead of every device
-    computing all of them."""
-    if width <= 0 or steps <= 0:
-      return self
+    """These rows, packing each step's draw (`draws(step)`: row indices) per `packing.plan`."""
     lengths = self.mask.sum(1)
-    width = max(int(width), int(lengths.max(initial=1)))
-    rows = packing.rows_for_run(lambda s: lengths[draws(s)], steps, width)
-    rows = -(-rows // shards) * shards
-    n = len(draws(0))
-    plain = n * self.ids.shape[1]
-    if rows * width >= plain:
+    p = packing.plan(lambda s: lengths[draws(s)], steps, width,
+                     len(draws(0)) * self.ids.shape[1], shards, what)
+    if p is None:
       return self
-    logging.info("Packing %s: %d prompts per step in %d rows of %d tokens (%d instead of %d).",
-                 what, n, rows, width, rows * width, plain)
-    return dataclasses.replace(self, packed_rows=rows, packed_width=width)
+    return dataclasses.replace(self, packed_rows=p.rows, packed_width=p.width)
 
 
 def _pack_plan(ctx) -> dict[str, int]:

@@ -1,22 +1,25 @@
-"""Packed prompt rows: several short prompts share one row, each attending only to itself.
+"""Packed rows: several short sequences share one row, each attending only to itself.
 
-A block of right-padded prompt rows [U, L] pays for every padding column three times
-over in a train step (forward, the forward recomputed under remat, backward). Packed
-first-fit-decreasing into [R, W] rows, the same prompts cost about their real tokens.
-R and W are fixed for a run (`rows_for_run`), so the step still compiles once.
+A block of right-padded rows [U, L] (prompts, or prompts with their targets) pays for every
+padding column three times over in a train step (forward, the forward recomputed under
+remat, backward). Packed first-fit-decreasing into [R, W] rows, the same sequences cost
+about their real tokens. R and W are fixed for a run (`plan`), so the step still compiles
+once.
 
-`transformer.forward(segment_ids_BxT=...)` keeps attention inside each prompt and the
-positions restart at 0 per prompt, so every prompt gets the hidden states its own row
-would give; `unpack` gathers them back into the [U, L] layout the scorers read.
+`transformer.forward(segment_ids_BxT=...)` keeps attention inside each sequence and the
+positions restart at 0 per sequence, so every one gets the hidden states its own row would
+give; `unpack` gathers them back into the [U, L] layout the losses and scorers read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Iterable
 
 import flax
 import jax
 import numpy as np
+from absl import logging
 
 
 @flax.struct.dataclass
@@ -52,6 +55,34 @@ def rows_for_run(lengths_of_step: Callable[[int], np.ndarray], steps: int, width
   """The most packed rows any of the run's `steps` steps needs (its batches are known)."""
   return max((len(first_fit_decreasing(lengths_of_step(s), width)) for s in range(steps)),
              default=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """A block's packed shape for a whole run."""
+  rows: int
+  width: int
+
+
+def plan(lengths_of_step: Callable[[int], np.ndarray], steps: int, width: int,
+         plain_tokens: int, shards: int = 1, what: str = "rows") -> Plan | None:
+  """How to pack a block whose step `s` draws rows of real lengths `lengths_of_step(s)`:
+  rows of `width` tokens (widened to the run's longest row), as many as the run's fullest
+  step needs, rounded up to a multiple of `shards` (the batch shards, so that the packed
+  rows split over the devices instead of every device computing all of them). None (leave
+  it unpacked) when `width` or `steps` is 0, or when even the fullest step would compute
+  `plain_tokens` or more."""
+  if width <= 0 or steps <= 0:
+    return None
+  per_step = [np.asarray(lengths_of_step(s)) for s in range(steps)]
+  width = max(int(width), max(int(x.max(initial=1)) for x in per_step))
+  rows = rows_for_run(lambda s: per_step[s], steps, width)
+  rows = -(-rows // shards) * shards
+  if rows * width >= plain_tokens:
+    return None
+  logging.info("Packing %s: %d per step in %d rows of %d tokens (%d instead of %d).",
+               what, len(per_step[0]), rows, width, rows * width, plain_tokens)
+  return Plan(rows=rows, width=width)
 
 
 def pack(ids_UxL: np.ndarray, mask_UxL: np.ndarray, rows: int, width: int,
