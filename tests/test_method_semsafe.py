@@ -394,7 +394,7 @@ def test_packed_rows_give_the_same_loss_and_gradient(base, adapters, aux, repr_k
     c = T.Contrast(harmful=take[2], safe=take[3], weight=np.array([0.6, 0.55], np.float32),
                    valid=np.ones(2, bool))
     safety = to_batch(make_batch())
-    if pack_safety:  # harmful rows of 9 tokens two to a row of 18; benign 9 + 8 and 9
+    if pack_safety:  # harmful rows of 9 tokens two to a row of 18; benign 9 + 9 and 8
       pk = lambda t: t.replace(packed=packing.pack(t.ids, t.mask, 2, 18))
       safety = safety.replace(harm=pk(safety.harm), benign=pk(safety.benign))
     return T.SemsafeBatch(safety=safety, unlabeled=u, contrast=c)
