@@ -406,7 +406,7 @@ def test_packed_rows_give_the_same_loss_and_gradient(base, adapters, aux, repr_k
   packed = [r.packed_for(lambda s, n=r.ids.shape[0]: np.arange(n), steps=1, width=12)
             for r in rows]
   # 22, 19, 13 and 10 real tokens in rows of 16: 2, 2, 2 and 1 packed rows of 12.
-  assert [p.packed_rows for p in packed] == [2, 2, 2, 1]
+  assert [p.plan.rows for p in packed] == [2, 2, 2, 1]
   plain, pk = batch(rows), batch(packed, pack_safety=True)
   assert pk.unlabeled.partner.packed.ids.shape == (2, 12)
   assert int(pk.safety.benign.packed.segment_ids.max()) == 2
@@ -423,11 +423,11 @@ def test_packed_rows_give_the_same_loss_and_gradient(base, adapters, aux, repr_k
 def test_prompt_rows_pack_only_when_it_saves_tokens():
   t = prompt_tokens([9, 9, 9, 9], 10, 0)
   rows = T._PromptRows(ids=t.ids, mask=t.mask)
-  assert rows.packed_for(lambda s: np.arange(4), steps=3, width=12).packed_rows == 0
+  assert rows.packed_for(lambda s: np.arange(4), steps=3, width=12).plan is None
   assert rows.packed_for(lambda s: np.arange(4), steps=3, width=0) is rows
   # A prompt longer than the width widens the rows; the plan covers every step's draw.
   t = prompt_tokens([3, 2, 14, 2], 16, 0)
   rows = T._PromptRows(ids=t.ids, mask=t.mask)
   p = rows.packed_for(lambda s: np.array([[0, 1, 3, 1], [2, 0, 1, 3]][s]), steps=2, width=8)
-  assert (p.packed_rows, p.packed_width) == (2, 14)
+  assert p.plan == packing.Plan(rows=2, width=14)
   assert p.take(np.array([2, 0, 1, 3])).packed.ids.shape == (2, 14)

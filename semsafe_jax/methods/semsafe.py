@@ -547,13 +547,12 @@ class _PromptRows:
   """Prompt-only chat rows, right-padded (no response: target_mask is all False)."""
   ids: np.ndarray
   mask: np.ndarray
-  packed_rows: int = 0  # > 0: take() also packs its prompts into this many rows of
-  packed_width: int = 0  # this many tokens
+  plan: packing.Plan | None = None  # set: take() also packs its prompts this way
 
   def take(self, idx: np.ndarray) -> Tokens:
     ids, mask = self.ids[idx], self.mask[idx]
-    packed = (packing.pack(ids, mask, self.packed_rows, self.packed_width)
-              if self.packed_rows else None)
+    p = self.plan
+    packed = None if p is None else packing.pack(ids, mask, p.rows, p.width)
     return Tokens(ids=ids, mask=mask, target_mask=np.zeros_like(mask),
                   prompt_end=(mask.sum(1) - 1).astype(np.int32),
                   weight=np.ones(len(idx), np.float32), packed=packed)
@@ -564,9 +563,7 @@ class _PromptRows:
     lengths = self.mask.sum(1)
     p = packing.plan(lambda s: lengths[draws(s)], steps, width,
                      len(draws(0)) * self.ids.shape[1], shards, what)
-    if p is None:
-      return self
-    return dataclasses.replace(self, packed_rows=p.rows, packed_width=p.width)
+    return self if p is None else dataclasses.replace(self, plan=p)
 
 
 def _pack_plan(ctx) -> dict[str, int]:
