@@ -431,3 +431,40 @@ def test_prompt_rows_pack_only_when_it_saves_tokens():
   p = rows.packed_for(lambda s: np.array([[0, 1, 3, 1], [2, 0, 1, 3]][s]), steps=2, width=8)
   assert p.plan == packing.Plan(rows=2, width=14)
   assert p.take(np.array([2, 0, 1, 3])).packed.ids.shape == (2, 14)
+
+
+def test_base_states_table_gives_the_same_loss_and_gradient(base, adapters, aux):
+  """L_capability "kl" reading the base model's states from the table computed before
+  training equals the step's own base forward, in value and gradient (the last table batch
+  is padded)."""
+  spec = T.LossSpec.from_config(loss_cfg(w_safety=0.0, lam=0.0, max_target_tokens=6))
+  safety = to_batch(make_batch())
+  table = T.base_target_states(base, TINY, safety.benign, spec.max_target_tokens,
+                               batch_size=2)
+  assert table.shape == (3, 6, TINY.hidden_size) and table.dtype == np.float32
+
+  def run(a, sb):
+    return T.loss(a, {"base": base, "aux": aux}, sb, None, spec=spec, model_cfg=TINY,
+                  adapter_cfg=ACFG)
+
+  grad = jax.jit(jax.grad(run, has_aux=True))
+  (g0, m0) = grad(adapters, T.SemsafeBatch(safety=safety))
+  (g1, m1) = grad(adapters, T.SemsafeBatch(safety=safety, base_states=table))
+  assert float(m0["l_capability"]) > 0
+  np.testing.assert_allclose(m1["l_capability"], m0["l_capability"], rtol=1e-5, atol=1e-7)
+  for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7)
+  # A wrong table is read, not ignored.
+  _, m2 = grad(adapters, T.SemsafeBatch(safety=safety, base_states=table[::-1].copy()))
+  assert not np.isclose(float(m2["l_capability"]), float(m0["l_capability"]), rtol=1e-3)
+
+
+def test_target_window_is_what_a_target_can_reach():
+  """The LM head reads loss.max_target_tokens positions (0 = no cap), never more than
+  data.max_response_tokens, the longest a tokenised response can be."""
+  from semsafe_jax.methods import common
+  cfg = lambda n, r: ml_collections.ConfigDict({"loss": {"max_target_tokens": n},
+                                                "data": {"max_response_tokens": r}})
+  assert common.target_window(cfg(48, 32)) == 32
+  assert common.target_window(cfg(0, 32)) == 32
+  assert common.target_window(cfg(8, 32)) == 8

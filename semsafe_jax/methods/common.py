@@ -17,6 +17,13 @@ from semsafe_jax.models.config import ModelConfig
 Params = Any
 
 
+def target_window(config: Any) -> int:
+  """How many target positions per row the LM head reads: loss.max_target_tokens (0 = no
+  cap), and never more than data.max_response_tokens, where every response is cut when it is
+  tokenised (train/inputs.py): positions past it would only be masked out."""
+  return min(int(config.loss.max_target_tokens) or 1 << 30, int(config.data.max_response_tokens))
+
+
 def adapted(trainable: Params, base_params: Params, adapter_cfg: Any,
             rng: jax.Array | None) -> tuple[Params, Callable]:
   """(params to differentiate, embed_fn): LoRA unmerged, full weights if trained."""

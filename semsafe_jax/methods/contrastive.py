@@ -50,7 +50,7 @@ def prepare(ctx) -> Prepared:
   if temperature <= 0:
     raise ValueError(f"method.temperature={temperature}; expected > 0")
   loss_fn = functools.partial(loss, model_cfg=ctx.model_cfg, adapter_cfg=ctx.config.adapters,
-                              n_max=int(ctx.config.loss.max_target_tokens) or 1 << 30,
+                              n_max=common.target_window(ctx.config),
                               temperature=temperature, w_contrastive=w)
   return dataclasses.replace(lora_sft.prepare(ctx), loss_fn=loss_fn,
                              report={"temperature": temperature, "w_contrastive": w})

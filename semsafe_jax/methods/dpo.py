@@ -213,9 +213,7 @@ def with_reference(ctx, table: PairTable, n_max: int) -> PairTable:
 def preference_prepared(ctx, table: PairTable, beta: float,
                         report: dict[str, Any] | None = None) -> Prepared:
   """The DPO loss over `table`, on the shared batcher's prompts, with fresh adapters."""
-  # Responses are cut to data.max_response_tokens when tokenised: the LM head reads no more.
-  n_max = min(int(ctx.config.loss.max_target_tokens) or 1 << 30,
-              int(ctx.config.data.max_response_tokens))
+  n_max = common.target_window(ctx.config)
   table = with_reference(ctx, table, n_max)
   loss_fn = functools.partial(loss, model_cfg=ctx.model_cfg, adapter_cfg=ctx.config.adapters,
                               beta=float(beta), n_max=n_max)

@@ -34,6 +34,6 @@ def prepare(ctx) -> Prepared:
 def sft_prepared(ctx, trainable) -> Prepared:
   """The SFT loss on the shared batches, for any trainable tree (LoRA or full weights)."""
   loss_fn = functools.partial(loss, model_cfg=ctx.model_cfg, adapter_cfg=ctx.config.adapters,
-                              n_max=int(ctx.config.loss.max_target_tokens) or 1 << 30)
+                              n_max=common.target_window(ctx.config))
   return Prepared(trainable=trainable, loss_fn=loss_fn, batch_fn=ctx.safety_batch_fn(),
                   frozen={"base": ctx.params}, frozen_axes=ctx.base_axes())

@@ -1,11 +1,13 @@
 """semsafe (ours): w_s·L_safety + lambda·L_consistency + w_c·L_capability, LoRA + embedding MLP.
 
 Cost per step: one adapted forward over the harmful block (serves L_safety and
-L_consistency), one adapted forward over the benign block and one base forward
-(no gradient, "kl" only) for L_capability; the soft-pattern scorer adds one
+L_consistency), one adapted forward over the benign block for L_capability, whose "kl"
+also reads the frozen base at the benign targets (a table computed before training,
+`base_target_states`, or a base forward in the step); the soft-pattern scorer adds one
 forward over prompt + phrase rows. Forwards skip the LM head: hidden states
-are gathered where a loss reads logits ([B, n] target positions, the first
-response position) and only those go through `transformer.lm_head`.
+are gathered where a loss reads logits ([B, n] target positions, n as
+`common.target_window`, and the first response position) and only those go through
+`transformer.lm_head`.
 
 L_consistency has two parts, both on one representation per prompt (`REPRS` maps
 `loss.consistency_repr` to how it is computed, `SCORERS` maps `loss.scorer` to the
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any, Callable
 
 import flax.struct
@@ -41,6 +44,7 @@ from semsafe_jax.losses.capability import capability_loss
 from semsafe_jax.losses.common import gather_positions, prompt_mask, target_positions
 from semsafe_jax.losses.consistency import consistency_loss
 from semsafe_jax.losses.safety import safety_loss
+from semsafe_jax.methods import common as mcommon
 from semsafe_jax.methods import paraphrase as paraphrase_lib
 from semsafe_jax.methods.base import Prepared, SafetyBatch, Tokens
 from semsafe_jax.models import transformer
@@ -196,6 +200,10 @@ class SemsafeBatch:
   safety: SafetyBatch
   unlabeled: Unlabeled | None = None
   contrast: Contrast | None = None
+  # float32 [Bb, n, D]: the frozen base's final hidden states where the benign rows' targets
+  # are predicted (`base_target_states`), read by L_capability "kl" instead of running the
+  # base forward in the step. None: the step runs it.
+  base_states: Any = None
 
 
 def _needs_states(spec: LossSpec, cfg: ModelConfig) -> bool:
@@ -274,7 +282,7 @@ def loss(trainable: Params, frozen: Params, sbatch: SemsafeBatch, rng: jax.Array
   if spec.w_capability != 0.0 and bt.ids.shape[0] > 0:
     l_cap, b_tmask = capability_term(params, base_params, cfg, embed_fn, bt, spec.capability,
                                      spec.kl_direction, spec.capability_first_token_weight,
-                                     n_max)
+                                     n_max, sbatch.base_states)
     dropped += _count(bt.target_mask[:, 1:]) - _count(b_tmask)
 
   l_contrast = zero
@@ -369,20 +377,56 @@ def _unlabeled_consistency(params: Params, cfg: ModelConfig, aux: Params, embed_
 
 def capability_term(params: Params, base_params: Params, cfg: ModelConfig, embed_fn: Callable,
                     bt: Any, kind: str, direction: str, first_token_weight: float,
-                    n_max: int) -> tuple[jax.Array, jax.Array]:
+                    n_max: int, base_states: Any = None) -> tuple[jax.Array, jax.Array]:
   """(L_capability, target mask [B, n]) on a block of benign rows: KL to the frozen base
-  ("kl"), or cross-entropy on its answers ("ce")."""
+  ("kl"), or cross-entropy on its answers ("ce"). base_states: the base's hidden states at
+  the target positions (`base_target_states`), or None to run the base forward here."""
   b_pos, b_targets, b_tmask = target_positions(bt.ids, bt.target_mask, n_max)
   hidden_b, _ = rows_forward(params, cfg, bt, embed_fn)
   logits_b = transformer.lm_head(params, cfg, gather_positions(hidden_b, b_pos))
   base_logits = None
   if kind == "kl":
     bp = jax.lax.stop_gradient(base_params)
-    hidden_base, _ = rows_forward(bp, cfg, bt)
-    base_logits = transformer.lm_head(bp, cfg, gather_positions(hidden_base, b_pos))
+    if base_states is None:
+      base_states = gather_positions(rows_forward(bp, cfg, bt)[0], b_pos)
+    base_logits = transformer.lm_head(bp, cfg, jax.lax.stop_gradient(base_states))
   return capability_loss(logits_b, b_tmask, base_logits_BxNxV=base_logits,
                          targets_BxN=b_targets, kind=kind, direction=direction,
                          first_token_weight=first_token_weight), b_tmask
+
+
+def _target_states(params: Params, ids: jax.Array, mask: jax.Array, tmask: jax.Array, *,
+                   cfg: ModelConfig, n: int) -> jax.Array:
+  out = transformer.forward(params, cfg, ids, attention_mask_BxS=mask, compute_logits=False)
+  return gather_positions(out.hidden, target_positions(ids, tmask, n)[0])
+
+
+def base_target_states(params: Params, cfg: ModelConfig, rows: Any, n: int, batch_size: int,
+                       mesh: jax.sharding.Mesh | None = None,
+                       progress: bool = False) -> np.ndarray:
+  """float32 [N, n, D]: the base model's final hidden states at the positions that predict
+  each row's first n target tokens (`target_positions` order), for every row of `rows`
+  (ids, mask, target_mask [N, L]). L_capability "kl" reads the frozen base only there, and
+  the base does not change, so this runs once instead of once per step."""
+  # Replicated out, so every process reads it whole. cfg as in training: under remat the
+  # layers scan, which slices one layer's weights at a time (unrolled, XLA:CPU copies them
+  # all out of the stack at once, 0.4 GB for SmolLM2-135M).
+  step = jax.jit(functools.partial(_target_states, cfg=cfg, n=n),
+                 out_shardings=None if mesh is None else sharding.replicated(mesh))
+  ids, mask, tmask = (np.asarray(x) for x in (rows.ids, rows.mask, rows.target_mask))
+  N, out = ids.shape[0], []
+  starts = range(0, N, batch_size)
+  if progress:
+    from tqdm.auto import tqdm
+    starts = tqdm(starts, desc="base states", unit="batch", dynamic_ncols=True)
+  for s in starts:
+    k = min(batch_size, N - s)
+    # The last batch is padded (all-masked rows) so the forward compiles once.
+    pad = lambda x: np.concatenate([x[s:s + k], np.zeros((batch_size - k,) + x.shape[1:],
+                                                         x.dtype)])
+    states = step(params, pad(ids), pad(mask), pad(tmask))
+    out.append(np.asarray(states, np.float32)[:k])
+  return np.concatenate(out)
 
 
 def build_aux(spec: LossSpec, loss_cfg: Any, tokenizer: Any = None, *,
@@ -430,6 +474,9 @@ def prepare(ctx) -> Prepared:
     pair_weight_fn = lambda hi, b: probe_lib.probe_pair_weights(unsafe_prob[hi], b.pair_index,
                                                                 b.pair_weight)
   safety_fn = _packed_safety(ctx, ctx.safety_batch_fn(pair_weight_fn))
+  # The LM head reads the positions a target can reach (the loss is the same).
+  spec = dataclasses.replace(spec, max_target_tokens=mcommon.target_window(config))
+  base_states_fn = _base_states_table(ctx, spec)
   unlabeled_fn, report = _unlabeled_stage(ctx, spec)
   contrast_fn, contrast_report = _contrast_stage(ctx, spec)
   report.update(contrast_report)
@@ -437,13 +484,44 @@ def prepare(ctx) -> Prepared:
   def batch_fn(step: int) -> SemsafeBatch:
     return SemsafeBatch(safety=safety_fn(step),
                         unlabeled=None if unlabeled_fn is None else unlabeled_fn(step),
-                        contrast=None if contrast_fn is None else contrast_fn(step))
+                        contrast=None if contrast_fn is None else contrast_fn(step),
+                        base_states=None if base_states_fn is None else base_states_fn(step))
 
   loss_fn = functools.partial(_loss_fn, spec=spec, model_cfg=ctx.model_cfg,
                               adapter_cfg=config.adapters)
   return Prepared(trainable=ctx.init_trainable(), loss_fn=loss_fn, batch_fn=batch_fn,
                   frozen={"base": ctx.params, "aux": aux}, frozen_axes=ctx.base_axes(),
                   report=report)
+
+
+def _base_states_table(ctx, spec: LossSpec) -> Callable[[int], np.ndarray] | None:
+  """step -> `base_target_states` of that step's benign rows (method.cache_base_states), from
+  a table of the rows the run draws (its batches are a pure function of seed and step; 611
+  of the 787 benign training rows by default), or None when the step runs the base forward
+  itself."""
+  rows = ctx.sft.benign
+  if not (spec.capability == "kl" and spec.w_capability != 0.0 and len(rows.ids)
+          and ctx.config.method.get("cache_base_states", False)):
+    return None
+  steps = _pack_plan(ctx)["steps"]
+  drawn = np.unique(np.concatenate([ctx.batch_rows(s)[2] for s in range(steps)]))
+  t0 = time.perf_counter()
+  table = base_target_states(ctx.params, ctx.model_cfg, Tokens.take(rows, drawn),
+                             int(spec.max_target_tokens), int(ctx.config.eval.batch_size),
+                             mesh=ctx.mesh, progress=ctx.primary)
+  logging.info("Base model states at the benign targets of the %d rows the run draws (of "
+               "%d): %s float32 (%.0f MB), %.0f s.", len(drawn), len(rows.ids), table.shape,
+               table.nbytes / 1e6, time.perf_counter() - t0)
+  where = np.full(len(rows.ids), -1, np.int64)
+  where[drawn] = np.arange(len(drawn))
+
+  def states(step: int) -> np.ndarray:
+    i = where[ctx.batch_rows(step)[2]]
+    if (i < 0).any():
+      raise ValueError(f"step {step} draws benign rows past the {steps} steps the base-state "
+                       "table was built for (train.steps x train.grad_accum)")
+    return table[i]
+  return states
 
 
 def _packed_safety(ctx, safety_fn: Callable[[int], SafetyBatch]) -> Callable[[int], SafetyBatch]:
