@@ -436,11 +436,11 @@ def test_prompt_rows_pack_only_when_it_saves_tokens():
 def test_base_states_table_gives_the_same_loss_and_gradient(base, adapters, aux):
   """L_capability "kl" reading the base model's states from the table computed before
   training equals the step's own base forward, in value and gradient (the last table batch
-  is padded)."""
+  is padded), rows in the order asked for."""
   spec = T.LossSpec.from_config(loss_cfg(w_safety=0.0, lam=0.0, max_target_tokens=6))
   safety = to_batch(make_batch())
-  table = T.base_target_states(base, TINY, safety.benign, spec.max_target_tokens,
-                               batch_size=2)
+  table = T.base_target_states(base, TINY, safety.benign, np.array([2, 0, 1]),
+                               spec.max_target_tokens, batch_size=2)[[1, 2, 0]]
   assert table.shape == (3, 6, TINY.hidden_size) and table.dtype == np.float32
 
   def run(a, sb):

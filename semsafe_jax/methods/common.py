@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from semsafe_jax.adapters import adapted_embed_fn, apply_adapters
 from semsafe_jax.losses.common import gather_positions, target_positions
@@ -22,6 +23,24 @@ def target_window(config: Any) -> int:
   cap), and never more than data.max_response_tokens, where every response is cut when it is
   tokenised (train/inputs.py): positions past it would only be masked out."""
   return min(int(config.loss.max_target_tokens) or 1 << 30, int(config.data.max_response_tokens))
+
+
+def map_rows(fn: Callable[[Tokens], jax.Array], rows: Any, which: np.ndarray,
+             batch_size: int, desc: str | None = None) -> np.ndarray:
+  """float32 [len(which), ...]: fn over rows[which] (rows: ids, mask, target_mask, prompt_end),
+  in fixed-size batches, the last one padded by repeating a row, so one compile serves them
+  all. For what a frozen model gives once before training. desc: a progress bar's label."""
+  which = np.asarray(which, np.int64)
+  starts = range(0, len(which), batch_size)
+  if desc is not None:
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+    starts = tqdm(starts, desc=desc, unit="batch", dynamic_ncols=True)
+  out = []
+  for i in starts:
+    part = which[i:i + batch_size]
+    padded = np.concatenate([part, np.full(batch_size - len(part), part[0])])
+    out.append(np.asarray(jax.device_get(fn(Tokens.take(rows, padded))), np.float32)[:len(part)])
+  return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
 def adapted(trainable: Params, base_params: Params, adapter_cfg: Any,

@@ -168,15 +168,11 @@ def row_logprobs(params: Any, cfg: Any, t: Tokens, n_max: int) -> jax.Array:
 
 def reference_logprobs(params: Any, cfg: Any, rows: inputs.Rows, which: np.ndarray,
                        n_max: int, batch_size: int) -> np.ndarray:
-  """float32 [N] row_logprobs of rows[which] (NaN elsewhere), in fixed-size batches (the
-  last one padded by repeating a row) so one compile serves them all."""
+  """float32 [N] row_logprobs of rows[which] (NaN elsewhere), in fixed-size batches."""
   out = np.full(len(rows.ids), np.nan, np.float32)
   which = np.asarray(which, np.int64)
-  for i in range(0, len(which), batch_size):
-    part = which[i:i + batch_size]
-    padded = np.concatenate([part, np.full(batch_size - len(part), part[0])])
-    lp = row_logprobs(params, cfg, Tokens.take(rows, padded), n_max)
-    out[part] = np.asarray(jax.device_get(lp))[:len(part)]
+  out[which] = common.map_rows(lambda t: row_logprobs(params, cfg, t, n_max), rows, which,
+                               batch_size)
   return out
 
 

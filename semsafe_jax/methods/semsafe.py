@@ -395,38 +395,25 @@ def capability_term(params: Params, base_params: Params, cfg: ModelConfig, embed
                          first_token_weight=first_token_weight), b_tmask
 
 
-def _target_states(params: Params, ids: jax.Array, mask: jax.Array, tmask: jax.Array, *,
-                   cfg: ModelConfig, n: int) -> jax.Array:
-  out = transformer.forward(params, cfg, ids, attention_mask_BxS=mask, compute_logits=False)
-  return gather_positions(out.hidden, target_positions(ids, tmask, n)[0])
+def _target_states(params: Params, t: Tokens, *, cfg: ModelConfig, n: int) -> jax.Array:
+  out = transformer.forward(params, cfg, t.ids, attention_mask_BxS=t.mask, compute_logits=False)
+  return gather_positions(out.hidden, target_positions(t.ids, t.target_mask, n)[0])
 
 
-def base_target_states(params: Params, cfg: ModelConfig, rows: Any, n: int, batch_size: int,
-                       mesh: jax.sharding.Mesh | None = None,
+def base_target_states(params: Params, cfg: ModelConfig, rows: Any, which: np.ndarray, n: int,
+                       batch_size: int, mesh: jax.sharding.Mesh | None = None,
                        progress: bool = False) -> np.ndarray:
-  """float32 [N, n, D]: the base model's final hidden states at the positions that predict
-  each row's first n target tokens (`target_positions` order), for every row of `rows`
-  (ids, mask, target_mask [N, L]). L_capability "kl" reads the frozen base only there, and
-  the base does not change, so this runs once instead of once per step."""
+  """float32 [len(which), n, D]: the base model's final hidden states at the positions that
+  predict the first n target tokens (`target_positions` order) of rows[which]. L_capability
+  "kl" reads the frozen base only there, and the base does not change, so this runs once
+  instead of once per step."""
   # Replicated out, so every process reads it whole. cfg as in training: under remat the
   # layers scan, which slices one layer's weights at a time (unrolled, XLA:CPU copies them
   # all out of the stack at once, 0.4 GB for SmolLM2-135M).
   step = jax.jit(functools.partial(_target_states, cfg=cfg, n=n),
                  out_shardings=None if mesh is None else sharding.replicated(mesh))
-  ids, mask, tmask = (np.asarray(x) for x in (rows.ids, rows.mask, rows.target_mask))
-  N, out = ids.shape[0], []
-  starts = range(0, N, batch_size)
-  if progress:
-    from tqdm.auto import tqdm
-    starts = tqdm(starts, desc="base states", unit="batch", dynamic_ncols=True)
-  for s in starts:
-    k = min(batch_size, N - s)
-    # The last batch is padded (all-masked rows) so the forward compiles once.
-    pad = lambda x: np.concatenate([x[s:s + k], np.zeros((batch_size - k,) + x.shape[1:],
-                                                         x.dtype)])
-    states = step(params, pad(ids), pad(mask), pad(tmask))
-    out.append(np.asarray(states, np.float32)[:k])
-  return np.concatenate(out)
+  return mcommon.map_rows(functools.partial(step, params), rows, which, batch_size,
+                          desc="base states" if progress else None)
 
 
 def build_aux(spec: LossSpec, loss_cfg: Any, tokenizer: Any = None, *,
@@ -506,7 +493,7 @@ def _base_states_table(ctx, spec: LossSpec) -> Callable[[int], np.ndarray] | Non
   steps = _pack_plan(ctx)["steps"]
   drawn = np.unique(np.concatenate([ctx.batch_rows(s)[2] for s in range(steps)]))
   t0 = time.perf_counter()
-  table = base_target_states(ctx.params, ctx.model_cfg, Tokens.take(rows, drawn),
+  table = base_target_states(ctx.params, ctx.model_cfg, rows, drawn,
                              int(spec.max_target_tokens), int(ctx.config.eval.batch_size),
                              mesh=ctx.mesh, progress=ctx.primary)
   logging.info("Base model states at the benign targets of the %d rows the run draws (of "
