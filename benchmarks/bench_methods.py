@@ -39,7 +39,7 @@ DEFAULT_METHODS = ("semsafe", "lora_sft", "full_ft", "dpo", "safedpo", "paraphra
 WARM = 2  # intervals dropped: the first steps compile
 
 
-def _cpu_seconds() -> float:
+def cpu_seconds() -> float:
   r = resource.getrusage(resource.RUSAGE_SELF)
   return r.ru_utime + r.ru_stime
 
@@ -52,7 +52,7 @@ class _Clock:
 
   def __call__(self, step):
     self.wall.append(time.perf_counter())
-    self.cpu.append(_cpu_seconds())
+    self.cpu.append(cpu_seconds())
     return self.batch_fn(step)
 
   def intervals(self) -> tuple[list[float], list[float]]:
@@ -60,36 +60,46 @@ class _Clock:
     return d(self.wall), d(self.cpu)
 
 
-def one(method: str, workdir: str, reps: int, base: str | None, flags: list[str]) -> dict:
-  """Prepares and trains one method; returns its timings (runs in its own process)."""
+def prepare(method: str, workdir: str, base: str | None, flags: list[str], wd_name: str = ""):
+  """(config, workdir, mesh, ctx, prepared, prepare seconds): one method as the main job
+  builds it, through its real `prepare`.
+
+  Host stages are cached in `<workdir>/shared`; the method's own workdir is
+  `<workdir>/<wd_name or method>`, its checkpoints removed (a benchmark never resumes).
+  """
   # Imports here: the parent process only orchestrates and stays light.
-  from semsafe_jax import adapters as adapters_lib  # pylint: disable=g-import-not-at-top
-  from semsafe_jax import malloc  # pylint: disable=g-import-not-at-top
   from semsafe_jax import methods  # pylint: disable=g-import-not-at-top
   from semsafe_jax.experiments import grid  # pylint: disable=g-import-not-at-top
   from semsafe_jax.jobs import train as train_job  # pylint: disable=g-import-not-at-top
   from semsafe_jax.train import sharding  # pylint: disable=g-import-not-at-top
-  from semsafe_jax.train.trainer import fit  # pylint: disable=g-import-not-at-top
 
   shared = os.path.join(workdir, "shared")
-  wd = os.path.join(workdir, method)
+  wd = os.path.join(workdir, wd_name or method)
   path = os.path.join("configs", "methods", f"{method}.py") + (f":{base}" if base else "")
   config = grid.parse_config(path, [
       f"--config.data.cache_dir={shared}/cache", f"--config.eval.cache_dir={shared}/eval",
       f"--config.shared_dir={shared}", *flags, "--config.checkpoint.every=1000000",
       "--config.train.progress=False", "--config.overwrite=True"])
   if int(config.train.get("grad_accum", 1)) != 1:  # then batch_fn runs per micro-step
-    raise SystemExit("bench_methods: times one batch_fn call per step; use train.grad_accum=1")
-  # Timing only: never resume a previous bench run's checkpoint.
+    raise SystemExit("bench: times one batch_fn call per step; use train.grad_accum=1")
   shutil.rmtree(os.path.join(wd, "checkpoints"), ignore_errors=True)
   t0 = time.time()
   mesh = sharding.make_mesh(dict(config.train.get("mesh", {}) or {}))
   ctx = train_job.method_context(config, wd, mesh)  # as the main job builds it
   # prepare sees the configured run's train.steps (packed rows are planned over all of its
-  # batches, so the timed steps have the real run's shapes); fit then runs only a few.
+  # batches, so the timed steps have the real run's shapes).
   prepared = methods.get(config.method.name).prepare(ctx)
-  config.train.steps = WARM + 1 + reps
-  prepare_s = time.time() - t0
+  return config, wd, mesh, ctx, prepared, time.time() - t0
+
+
+def one(method: str, workdir: str, reps: int, base: str | None, flags: list[str]) -> dict:
+  """Prepares and trains one method; returns its timings (runs in its own process)."""
+  from semsafe_jax import adapters as adapters_lib  # pylint: disable=g-import-not-at-top
+  from semsafe_jax import malloc  # pylint: disable=g-import-not-at-top
+  from semsafe_jax.train.trainer import fit  # pylint: disable=g-import-not-at-top
+
+  config, wd, mesh, ctx, prepared, prepare_s = prepare(method, workdir, base, flags)
+  config.train.steps = WARM + 1 + reps  # fit runs only a few of the planned steps
   n_trainable = adapters_lib.param_summary(prepared.trainable, ctx.params)["trainable"]
   clock = _Clock(prepared.batch_fn)
   fit(prepared.loss_fn, prepared.trainable, clock, config, wd, frozen=prepared.frozen,

@@ -46,8 +46,9 @@ def get_config():
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
   c.model.param_dtype = "float32"  # weights are cast to this while streaming in
   # Recompute each layer in the backward pass: off | full | dots. On this default's CPU step
-  # (benchmarks/README.md), full peaks at 3.6 GiB, off at 11.1 GiB with a step 3-16% shorter
-  # (by CPU).
+  # (benchmarks/README.md), full peaks at 3.6 GiB, off at 11.1 GiB; with packing and the
+  # base-state table the full step costs as much CPU time as the off step did without them,
+  # and about 9% more wall time on 2 cores.
   c.model.remat = "full"
   # Layers as a scan (one compiled block) or unrolled (faster steps on CPU, longer compiles):
   # auto = scan on GPU/TPU; on CPU unroll, except a differentiated forward under remat (XLA:CPU
