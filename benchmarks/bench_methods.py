@@ -110,10 +110,16 @@ def one(method: str, workdir: str, reps: int, base: str | None, flags: list[str]
           "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+  """(the script's own arguments, the config flags after "--")."""
+  if "--" not in argv:
+    return argv, []
+  i = argv.index("--")
+  return argv[:i], argv[i + 1:]
+
+
 def main():
-  argv = sys.argv[1:]
-  flags = argv[argv.index("--") + 1:] if "--" in argv else []
-  argv = argv[:argv.index("--")] if "--" in argv else argv
+  argv, flags = split_argv(sys.argv[1:])
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--workdir", required=True)
   ap.add_argument("--methods", default=",".join(DEFAULT_METHODS))

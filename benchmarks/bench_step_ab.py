@@ -84,9 +84,7 @@ def ratio_interval(a: list[float], b: list[float], seed: int = 0) -> tuple[float
 
 
 def main():
-  argv = sys.argv[1:]
-  common = argv[argv.index("--") + 1:] if "--" in argv else []
-  argv = argv[:argv.index("--")] if "--" in argv else argv
+  argv, common = bench_methods.split_argv(sys.argv[1:])
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--workdir", required=True)
   ap.add_argument("--method", default="semsafe")
