@@ -21,6 +21,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from etils import epath
 
+from semsafe_jax.errors import WorkdirError
+
 PathLike = str | os.PathLike[str]
 # gs://bucket/run, s3://...: a path on a file system other than the local one.
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -28,6 +30,30 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 def is_remote(path: PathLike) -> bool:
   return bool(_URL.match(os.fspath(path)))
+
+
+def resolve_workdir(raw: str | None) -> str:
+  """The workdir as an absolute local path (a URL is kept, less any trailing slash).
+
+  Raises:
+    WorkdirError: an empty value, a path that is an existing file, or a URL other than
+      gs://bucket/path.
+  """
+  if raw is None or not raw.strip():
+    raise WorkdirError("--workdir is empty; give the folder for the run's outputs, "
+                       "e.g. --workdir=runs/demo")
+  if is_remote(raw):
+    scheme, _, rest = raw.partition("://")
+    # epath also opens s3:// and az://, but orbax writes checkpoint arrays to a URL only
+    # through TensorStore's gs:// driver.
+    if scheme != "gs" or not rest.strip("/"):
+      raise WorkdirError(f"--workdir={raw!r}: a URL workdir must be gs://bucket/path; "
+                         "otherwise give a local folder")
+    return f"gs://{rest.rstrip('/')}"  # one spelling per run, as for local paths
+  path = os.path.abspath(os.path.expanduser(raw))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise WorkdirError(f"--workdir={raw!r} is a file ({path}); give a folder.")
+  return path
 
 
 def as_path(path: PathLike) -> epath.Path:

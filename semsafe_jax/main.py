@@ -40,32 +40,6 @@ class _QuietCheckpointLogs(logging.Filter):
     return record.levelno >= logging.WARNING or "orbax" not in record.pathname
 
 
-def resolve_workdir(raw: str | None) -> str:
-  """The workdir as an absolute local path (a URL is kept, less any trailing slash).
-
-  Raises:
-    WorkdirError: an empty value, a path that is an existing file, or a URL other than
-      gs://bucket/path.
-  """
-  from semsafe_jax import files  # pylint: disable=g-import-not-at-top
-  from semsafe_jax.errors import WorkdirError  # pylint: disable=g-import-not-at-top
-  if raw is None or not raw.strip():
-    raise WorkdirError("--workdir is empty; give the folder for the run's outputs, "
-                       "e.g. --workdir=runs/demo")
-  if files.is_remote(raw):
-    scheme, _, rest = raw.partition("://")
-    # epath also opens s3:// and az://, but orbax writes checkpoint arrays to a URL only
-    # through TensorStore's gs:// driver.
-    if scheme != "gs" or not rest.strip("/"):
-      raise WorkdirError(f"--workdir={raw!r}: a URL workdir must be gs://bucket/path; "
-                         "otherwise give a local folder")
-    return f"gs://{rest.rstrip('/')}"  # one spelling per run, as for local paths
-  path = os.path.abspath(os.path.expanduser(raw))
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise WorkdirError(f"--workdir={raw!r} is a file ({path}); give a folder.")
-  return path
-
-
 def outside_workdir_note(loads_model: bool = True) -> str:
   """Where the project writes outside the workdir, and the variables that move it."""
   home = os.path.expanduser("~")
@@ -126,6 +100,7 @@ def main(argv):
 def run(config, raw_workdir: str | None):
   """Resolves the workdir, checks the config, then runs the job of `config.mode`."""
   from semsafe_jax import validate  # pylint: disable=g-import-not-at-top
+  from semsafe_jax.files import resolve_workdir  # pylint: disable=g-import-not-at-top
   workdir = resolve_workdir(raw_workdir)
   validate.validate(config)  # before any work, and before the job writes W/config.json
   absl_logging.info("host allocator: %s (%s=system keeps the C library's)", malloc.active(),

@@ -107,10 +107,10 @@ def test_local_writes_stay_atomic_and_leave_no_temporaries(tmp_path):
 
 
 def test_url_workdirs_are_kept_and_unknown_schemes_refused():
-  assert main.resolve_workdir("gs://bucket/run//") == "gs://bucket/run"
+  assert files.resolve_workdir("gs://bucket/run//") == "gs://bucket/run"
   for url in ("memory://run", "s3://bucket/run", "gs://"):
     with pytest.raises(WorkdirError, match="must be gs://bucket/path"):
-      main.resolve_workdir(url)
+      files.resolve_workdir(url)
 
 
 def test_main_job_train_generate_export_on_a_url_workdir(fake_gcs, tmp_path, monkeypatch,

@@ -1,4 +1,4 @@
-"""experiments/probe_gate.py: the share of each split a training-side probe would gate in;
+"""probes/gate.py and experiments/probe_gate.py: the share of each split a training-side probe would gate in;
 the command run as the README says, from the repository root with a relative workdir."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from semsafe_jax.experiments import probe_gate
+from semsafe_jax.probes import gate as probe_gate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -66,3 +66,8 @@ def test_bad_recall_is_a_one_line_error(tmp_path):
   assert out.returncode != 0
   assert out.stderr.strip().splitlines()[-1] == "probe_gate: --recall=1.5: must be in (0, 1]"
   assert not (tmp_path / "probe_gate.json").exists()
+  (tmp_path / "a_file").write_text("")  # the main job's workdir check, not a copy of it
+  out = _run("--config=configs/tiny.py", f"--workdir={tmp_path / 'a_file'}")
+  assert out.returncode != 0
+  assert out.stderr.strip().splitlines()[-1].startswith("probe_gate: --workdir=")
+  assert "is a file" in out.stderr.strip().splitlines()[-1]
