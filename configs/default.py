@@ -189,6 +189,16 @@ def get_config():
   c.probe.l2 = 1e-3
   c.probe.batch_size = 16  # prompts per forward when extracting hidden states
 
+  # --- probe gate (probes/gate.py): the adapters answer only the prompts a probe on the
+  # frozen model flags; the rest get the base model's answer. The report then gains a
+  # "gated" model beside "before" and "after". Fit on the training side only, after the
+  # probe settings above.
+  c.gate = ml_collections.ConfigDict()
+  c.gate.use = False
+  c.gate.recall = 0.97  # threshold: this share of held-back harmful training prompts flagged
+  c.gate.held_back = 0.2  # share of the harmful training prompts held back to set it
+  c.gate.max_per_split = 400  # prompts per side for the fit (a seeded sample)
+
   # --- training (semsafe_jax/train) ---
   c.train = ml_collections.ConfigDict()
   c.train.steps = 160

@@ -359,6 +359,16 @@ def check_probe(config: Any) -> None:
 
 
 @register
+def check_gate(config: Any) -> None:
+  number_in(config, "gate.recall", 0.0, 1.0, low_open=True)
+  number_in(config, "gate.held_back", 0.0, 1.0, low_open=True, high_open=True)
+  int_at_least(config, "gate.max_per_split", 1)
+  use = get(config, "gate.use")
+  if present(use) and not isinstance(use, bool):
+    fail("gate.use", use, "expected True or False")
+
+
+@register
 def check_train(config: Any) -> None:
   int_at_least(config, "train.steps", 1)
   number_in(config, "train.lr", 0.0, low_open=True)

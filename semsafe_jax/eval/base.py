@@ -9,7 +9,8 @@
 options and their defaults). `run_evals` runs every evaluation on every model
 ("before" and "after"), judges the answers with every judge in
 `config.judges` (the first is the primary one), and writes the per-prompt rows
-to W/evals/<name>.jsonl. Every number names its evaluation, judge and n.
+to W/evals/<name>.jsonl. Every number names its evaluation, judge and n. With
+`gate.use`, a third model ("gated", `GatedModel`) answers through the probe gate.
 """
 
 from __future__ import annotations
@@ -195,6 +196,11 @@ def answer_token_kl(base: ModelUnderTest, model: ModelUnderTest, prompts: Sequen
   teacher-forced on `responses` (e.g. the base model's own answers)."""
   if model is base:
     return [np.zeros(len(_response_ids(base.tokenizer, r)), np.float32) for r in responses]
+  if isinstance(model, GatedModel):  # the base model answers what the gate lets through
+    return model.route(prompts, lambda m, ix: answer_token_kl(
+        base, m, [prompts[i] for i in ix], [responses[i] for i in ix]),
+        base_fn=lambda ix: answer_token_kl(base, base, [prompts[i] for i in ix],
+                                           [responses[i] for i in ix]))
   out: list[np.ndarray | None] = [None] * len(prompts)
   ep, eq = gen_lib.as_embed_partial(base.embed_fn), gen_lib.as_embed_partial(model.embed_fn)
   for idx, b in _scoring_batches(base.tokenizer, prompts, responses,
@@ -204,6 +210,73 @@ def answer_token_kl(base: ModelUnderTest, model: ModelUnderTest, prompts: Sequen
     for r, i in enumerate(idx):
       out[i] = kl[r, :b.lengths[r]]
   return out  # type: ignore[return-value]
+
+
+@dataclasses.dataclass(eq=False)
+class GatedModel:
+  """The adapted model behind a gate (probes/gate.py): a prompt the gate flags gets
+  `adapted`'s answer, any other the frozen `base`'s. Both keep their own memos, so a gated
+  evaluation after the "before" and "after" ones generates nothing new."""
+  name: str
+  base: ModelUnderTest
+  adapted: ModelUnderTest
+  gate_fn: Callable[[Sequence[str]], np.ndarray]  # prompts -> bool [N]: adapters on
+  _flags: dict[str, bool] = dataclasses.field(default_factory=dict, repr=False)
+
+  @property
+  def tokenizer(self) -> Any:
+    return self.adapted.tokenizer
+
+  @property
+  def batch_size(self) -> int:
+    return self.adapted.batch_size
+
+  def flags(self, prompts: Sequence[str]) -> np.ndarray:
+    """[N] bool, memoised per prompt (the gate costs one prompt forward of the base)."""
+    todo = list(dict.fromkeys(p for p in prompts if p not in self._flags))
+    if todo:
+      got = np.asarray(self.gate_fn(todo), bool)
+      if got.shape != (len(todo),):
+        raise ValueError(f"gate_fn: got shape {got.shape} for {len(todo)} prompts.")
+      self._flags.update(zip(todo, got.tolist()))
+    return np.array([self._flags[p] for p in prompts], bool)
+
+  def route(self, prompts: Sequence[str], fn: Callable[[ModelUnderTest, list[int]], list],
+            base_fn: Callable[[list[int]], list] | None = None) -> list:
+    """fn(model, row indices) -> that many results, called once per side; the results come
+    back in prompt order. base_fn, when given, replaces fn(base, .) for the unflagged rows."""
+    on = self.flags(prompts)
+    out: list[Any] = [None] * len(prompts)
+    for side, ix in ((True, np.flatnonzero(on).tolist()), (False, np.flatnonzero(~on).tolist())):
+      if not ix:
+        continue
+      got = (fn(self.adapted, ix) if side else
+             base_fn(ix) if base_fn is not None else fn(self.base, ix))
+      for i, g in zip(ix, got):
+        out[i] = g
+    return out
+
+  def generate_full(self, prompts: Sequence[str], max_new_tokens: int,
+                    prefills: Sequence[Prefill] | None = None) -> gen_lib.Generation:
+    prompts = list(prompts)
+    prefills = [None] * len(prompts) if prefills is None else list(prefills)
+
+    def gen(m: ModelUnderTest, ix: list[int]) -> list[tuple[str, list[int], bool]]:
+      g = m.generate_full([prompts[i] for i in ix], max_new_tokens, [prefills[i] for i in ix])
+      return list(zip(g.texts, g.token_ids, g.finished))
+
+    got = self.route(prompts, gen)
+    return gen_lib.Generation([g[0] for g in got], [list(g[1]) for g in got],
+                              [g[2] for g in got])
+
+  def generate(self, prompts: Sequence[str], max_new_tokens: int,
+               prefills: Sequence[Prefill] | None = None) -> list[str]:
+    return self.generate_full(prompts, max_new_tokens, prefills).texts
+
+  def answer_logprobs(self, prompts: Sequence[str],
+                      responses: Sequence[str | Sequence[int]]) -> list[np.ndarray]:
+    return self.route(prompts, lambda m, ix: m.answer_logprobs(
+        [prompts[i] for i in ix], [responses[i] for i in ix]))
 
 
 @dataclasses.dataclass

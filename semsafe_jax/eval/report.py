@@ -30,17 +30,24 @@ def write_report(workdir: str, report: dict[str, Any], answers_before: Sequence[
                  answers_after: Sequence[dict[str, Any]], examples_per_split: int = 3) -> None:
   """Writes report.json and a human-readable report.md."""
   files.write_text(os.path.join(workdir, "report.json"), json.dumps(report, indent=2))
+  models = summary_models(report)
   lines = ["# semsafe_jax run report", "",
            f"Model: `{report.get('model', '?')}`  ",
            f"Trainable params: {report['trainable_params']:,} of {report['total_params']:,} "
            f"({100 * report['trainable_params'] / max(report['total_params'], 1):.2f}%)  ",
            f"Training time: {report['train_seconds']:.0f} s", "",
            "## Refusal rate by split (string-match judge, 95% Wilson CI)", "",
-           "| split | before | after |", "|---|---|---|"]
+           "| split | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
   for split in report["after"]:
-    before = report["before"].get(split)
-    lines.append(f"| {split} | {_fmt(before) if before else '-'} | {_fmt(report['after'][split])} |")
+    cells = [report[m].get(split) for m in models]
+    lines.append(f"| {split} | " + " | ".join(_fmt(c) if c else "-" for c in cells) + " |")
   lines += ["", "Harmful splits should go up; `borderline` and `benign` should stay low.", ""]
+  if "gate" in report:
+    g = report["gate"]
+    lines += [f"`gated`: the adapters answer only the prompts that the probe gate flags (layer "
+              f"{g['layer']}, threshold {g['threshold']:.3f}, fit on the training side); the "
+              "base model answers the rest. Share flagged: " + ", ".join(
+                  f"{k} {100 * v:.1f}%" for k, v in g["flagged"].items()) + ".", ""]
   if report.get("plots"):
     lines += [f"![{p}]({p})" for p in report["plots"]] + [""]
   if report.get("evals"):
@@ -58,6 +65,11 @@ def write_report(workdir: str, report: dict[str, Any], answers_before: Sequence[
         lines.append(f"- after ({'refused' if a['refused'] else 'answered'}): {_one_line(a['completion'])}")
     lines.append("")
   files.write_text(os.path.join(workdir, "report.md"), "\n".join(lines))
+
+
+def summary_models(report: dict[str, Any]) -> list[str]:
+  """The models of the refusal summary: before, after and, with the probe gate, gated."""
+  return [m for m in ("before", "after", "gated") if m in report]
 
 
 def _metric_cell(name: str, m: dict[str, Any] | None) -> str:
@@ -114,7 +126,7 @@ def _one_line(text: str, limit: int = 300) -> str:
 
 
 def plot_refusal_rates(workdir: str, report: dict[str, Any], name: str = "refusal_rates.png") -> str:
-  """Before/after bar chart with CI whiskers; returns the file name."""
+  """Before/after (and gated) bar chart with CI whiskers; returns the file name."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -122,12 +134,15 @@ def plot_refusal_rates(workdir: str, report: dict[str, Any], name: str = "refusa
 
   splits = list(report["after"])
   x = np.arange(len(splits))
+  models = summary_models(report)
+  width = 0.8 / len(models)
   fig, ax = plt.subplots(figsize=(7, 3.5))
-  for off, key in ((-0.2, "before"), (0.2, "after")):
+  for j, key in enumerate(models):
+    off = (j - (len(models) - 1) / 2) * width
     rates = [report[key].get(s, {}).get("refusal_rate", np.nan) for s in splits]
     ci = [report[key].get(s, {}).get("ci95", [np.nan, np.nan]) for s in splits]
     err = np.array([[r - c[0] for r, c in zip(rates, ci)], [c[1] - r for r, c in zip(rates, ci)]])
-    ax.bar(x + off, rates, width=0.4, yerr=err, capsize=3, label=key)
+    ax.bar(x + off, rates, width=width, yerr=err, capsize=3, label=key)
   ax.set_xticks(x, splits)
   ax.set_ylim(0, 1.05)
   ax.set_ylabel("refusal rate")

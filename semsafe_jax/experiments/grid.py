@@ -254,7 +254,7 @@ def status(cell: Cell, expected: Mapping[str, Any]) -> tuple[str, dict[str, Any]
   made_with = files.read_json(report_path).get("config")
   # Evaluation settings may change in a finished workdir; only the report knows which
   # ones it was made with. Fields that pick how a run goes, not what it reports, aside.
-  run_only = [k for k in ckpt_lib.RESUME_SAFE_KEYS if k not in ("eval", "evals", "judges")]
+  run_only = [k for k in ckpt_lib.RESUME_SAFE_KEYS if k not in ("eval", "evals", "judges", "gate")]
   if made_with is not None and ckpt_lib.config_diff(made_with, expected, run_only):
     return PARTIAL, {}
   return DONE, {}

@@ -9,7 +9,8 @@ The adapters come from the latest checkpoint in W (or `export.step`); the base
 model and adapter settings come from the config the run was trained with
 (W/config.json), falling back to the given config. Each export folder carries
 `semsafe_export.json` (format, step, source run), the mark that lets a later export
-replace it; see export/staging.py for what is never written over.
+replace it; see export/staging.py for what is never written over. A run trained with
+`gate.use=True` also leaves `gate.json` there (probes/gate.py says how to apply it).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -26,6 +28,7 @@ from semsafe_jax import files
 from semsafe_jax.errors import ConfigError, MissingInputError
 from semsafe_jax.export import hf, merged, native, peft, staging
 from semsafe_jax.models import loading, registry
+from semsafe_jax.probes import gate as gate_lib
 from semsafe_jax.retention import aligned as aligned_lib
 from semsafe_jax.train.checkpoint import available_steps, load_adapters
 
@@ -86,6 +89,20 @@ def source_config_dict(name_or_path: str) -> dict[str, Any] | None:
   return None
 
 
+def _with_gate(workdir: str, write: Callable[[str], None]) -> Callable[[str], None]:
+  """write, then a copy of the run's probe gate (W/gate.json, when the run has one): a
+  merged model cannot hold it, and a PEFT adapter has no field for it."""
+  src = os.path.join(workdir, gate_lib.GATE_FILE)
+
+  def both(path: str) -> None:
+    write(path)
+    if files.exists(src):
+      files.write_text(os.path.join(path, gate_lib.GATE_FILE), files.read_text(src))
+      logging.info("The export carries the probe gate: %s.", gate_lib.GATE_FILE)
+
+  return both
+
+
 def run(config: Any, workdir: str) -> str:
   """Exports the workdir's adapters in `config.export.format`; returns the output dir.
 
@@ -134,9 +151,9 @@ def run(config: Any, workdir: str) -> str:
             "base_model": name}
 
   if fmt == "orbax":
-    staging.write_export(out_dir, marker, lambda path: native.write_orbax(
+    staging.write_export(out_dir, marker, _with_gate(workdir, lambda path: native.write_orbax(
         path, adapters, adapter_config={"base_model_name_or_path": name,
-                                        "adapters": adapter_section}), workdir=workdir)
+                                        "adapters": adapter_section})), workdir=workdir)
     print(f"Wrote the adapters (Orbax, step {got.step}) to {out_dir}\n  restore: "
           f"semsafe_jax.export.load_orbax({out_dir!r})", flush=True)
     return out_dir
@@ -149,9 +166,9 @@ def run(config: Any, workdir: str) -> str:
   dtype = ex.dtype
   shard_bytes = float(ex.max_shard_gb) * 1e9
   if fmt == "merged":
-    staging.write_export(out_dir, marker, lambda path: merged.write_merged(
+    staging.write_export(out_dir, marker, _with_gate(workdir, lambda path: merged.write_merged(
         path, base_params, base_cfg, adapters, lora_alpha=lora_alpha, tokenizer=pre.tokenizer,
-        config_dict=source_config_dict(name), dtype=dtype, max_shard_bytes=shard_bytes),
+        config_dict=source_config_dict(name), dtype=dtype, max_shard_bytes=shard_bytes)),
                          workdir=workdir)
     print(f"Wrote the merged model (step {got.step}) to {out_dir}\n  load: "
           f"transformers.AutoModelForCausalLM.from_pretrained({out_dir!r})", flush=True)
@@ -176,8 +193,8 @@ def run(config: Any, workdir: str) -> str:
     peft.write_peft(path, base_params, base_cfg, adapters, lora_alpha=lora_alpha,
                     base_model_name_or_path=base_ref, dtype=dtype)
 
-  staging.write_export(out_dir, {**marker, "base_model_name_or_path": base_ref}, write,
-                       workdir=workdir)
+  staging.write_export(out_dir, {**marker, "base_model_name_or_path": base_ref},
+                       _with_gate(workdir, write), workdir=workdir)
   print(f"Wrote the PEFT adapter (step {got.step}) to {out_dir} (base model: {base_ref})\n"
         f"  load: peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM"
         f".from_pretrained({base_ref!r}), {out_dir!r})", flush=True)

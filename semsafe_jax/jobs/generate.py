@@ -6,7 +6,8 @@
 Prompts come from `config.generate.prompts` and/or `config.generate.prompts_file`
 (one prompt per line, or JSONL with a "prompt" field). With
 `config.generate.adapters` and a training checkpoint in W, the latest trained
-adapters are applied (LoRA merged, embedding MLP as the embed_fn). Writes
+adapters are applied (LoRA merged, embedding MLP as the embed_fn); with `gate.use` too,
+only to the prompts that the run's probe gate (W/gate.json) flags. Writes
 W/generations.jsonl: one object per prompt, in input order.
 """
 
@@ -23,6 +24,7 @@ from absl import logging
 
 from semsafe_jax import adapters as adapters_lib
 from semsafe_jax.errors import ConfigError, InputFileError, MissingInputError
+from semsafe_jax import files
 from semsafe_jax.files import write_jsonl
 from semsafe_jax.models import generate as gen_lib
 from semsafe_jax.models.loading import load_pretrained
@@ -104,6 +106,17 @@ def load_trained_adapters(workdir: str, model_name: str | None = None,
   return adapters, adapter_cfg
 
 
+def _load_gate(workdir: str) -> Any:
+  """The run's probe gate (W/gate.json), which the main job fits with gate.use=True."""
+  from semsafe_jax.probes import gate as gate_lib  # pylint: disable=g-import-not-at-top
+
+  path = os.path.join(workdir, gate_lib.GATE_FILE)
+  if not files.exists(path):
+    raise MissingInputError(f"gate.use=True: {path} does not exist; the main job writes it "
+                            "when run with --config.gate.use=True")
+  return gate_lib.load(path)
+
+
 def run(config, workdir: str) -> list[dict[str, Any]]:
   gc, mc = config.generate, config.model
   prompts = collect_prompts(gc)
@@ -114,7 +127,7 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
     raise ConfigError("model.name_or_path", mc.name_or_path,
                       "this model has no tokenizer; generation needs one")
 
-  embed_fn, adapted, step_note = None, False, "base model"
+  embed_fn, adapted, step_note, gate = None, False, "base model", None
   if gc.adapters:
     got = load_trained_adapters(workdir, str(mc.name_or_path), config.adapters)
     if got is None:
@@ -126,6 +139,9 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
       if final is not None:
         adapters = final[0]
         params, cfg = aligned_lib.model_of(workdir, params, cfg)
+      if config.gate.use:
+        gate = _load_gate(workdir)
+        base_params, base_cfg = params, cfg
       params, embed_fn = adapters_lib.apply_trained(params, adapters, adapter_cfg)
       adapted = True
       step_note = f"trained adapters ({', '.join(sorted(adapters)) or 'none'}) from {workdir}"
@@ -134,19 +150,35 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
     logging.info("generate.adapters=False: generating with the base model.")
 
   t0 = time.perf_counter()
-  out = gen_lib.generate_batch(
-      params, cfg, tok, prompts, max_new_tokens=gc.max_new_tokens, temperature=gc.temperature,
+  gen = lambda p, c, ps, e: gen_lib.generate_batch(
+      p, c, tok, ps, max_new_tokens=gc.max_new_tokens, temperature=gc.temperature,
       top_k=gc.top_k, top_p=gc.top_p, seed=gc.seed, batch_size=gc.batch_size,
-      stop_strings=tuple(gc.stop_strings or ()), chat=gc.chat, embed_fn=embed_fn)
+      stop_strings=tuple(gc.stop_strings or ()), chat=gc.chat, embed_fn=e)
+  on = [adapted] * len(prompts)
+  if gate is None:
+    out = gen(params, cfg, prompts, embed_fn)
+  else:  # the adapters answer what the gate flags, the base model the rest
+    on = gate.flags(base_params, base_cfg, tok, prompts,
+                    batch_size=int(config.probe.batch_size)).tolist()
+    step_note += f", behind the probe gate (flagged {sum(on)} of {len(prompts)})"
+    sides = {True: [i for i, f in enumerate(on) if f], False: [i for i, f in enumerate(on)
+                                                               if not f]}
+    got: dict[int, tuple[str, list[int], bool]] = {}
+    for side, ix in sides.items():
+      if ix:
+        g = gen(*((params, cfg) if side else (base_params, base_cfg)),
+                [prompts[i] for i in ix], embed_fn if side else None)
+        got.update(zip(ix, zip(g.texts, g.token_ids, g.finished)))
+    out = gen_lib.Generation(*(list(col) for col in zip(*(got[i] for i in range(len(prompts))))))
   seconds = time.perf_counter() - t0
   n_tokens = sum(len(t) for t in out.token_ids)
   logging.info("Generated %d tokens for %d prompts in %.1fs (%s).", n_tokens, len(prompts),
                seconds, step_note)
 
   rows = [{"index": i, "prompt": p, "completion": c, "num_tokens": len(ids), "finished": fin,
-           "adapters": adapted, "model": str(mc.name_or_path)}
-          for i, (p, c, ids, fin) in enumerate(zip(prompts, out.texts, out.token_ids,
-                                                   out.finished))]
+           "adapters": bool(a), "model": str(mc.name_or_path)}
+          for i, (p, c, ids, fin, a) in enumerate(zip(prompts, out.texts, out.token_ids,
+                                                      out.finished, on))]
   for r in rows:
     print(f"### prompt {r['index']}: {r['prompt']}\n{r['completion']}\n", flush=True)
   if jax.process_index() == 0:

@@ -10,6 +10,7 @@ training continues from the latest checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import resource
 import time
@@ -33,6 +34,7 @@ from semsafe_jax.methods.context import Context
 from semsafe_jax.models import generate as gen_lib
 from semsafe_jax.models import transformer
 from semsafe_jax.models.loading import load_pretrained
+from semsafe_jax.probes import gate as gate_lib
 from semsafe_jax.retention import aligned as aligned_lib
 from semsafe_jax.train import checkpoint as ckpt_lib
 from semsafe_jax.train import monitor, sharding
@@ -76,6 +78,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   # hands its free blocks back, so it never holds more than one stage's.
   malloc.release()
   ctx.probe  # pylint: disable=pointless-statement; the probe report is part of every run
+  gate = _gate(ctx) if config.gate.use else None
   clock.done("before_and_probe")
   prepared = method.prepare(ctx)
   _drop_compiled()
@@ -110,9 +113,18 @@ def run(config, workdir: str) -> dict[str, Any]:
                                     batch_size=ec.batch_size,
                                     max_batch_tokens=ec.max_batch_tokens)
   after = _answers(eval_sets, lambda ps: after_m.generate(ps, ec.max_new_tokens))
+  models, gated = [base_m, after_m], None
+  if gate is not None:
+    # base_m.params read at call time: the per-layer arrays once the decoder unrolls.
+    gated_m = eval_lib.GatedModel("gated", base_m, after_m, lambda ps: gate.flags(
+        base_m.params, model_cfg, tokenizer, ps, batch_size=int(config.probe.batch_size)))
+    gated = _answers(eval_sets, lambda ps: gated_m.generate(ps, ec.max_new_tokens))
+    for r, on in zip(gated, gated_m.flags([r["prompt"] for r in gated])):
+      r["adapters"] = bool(on)
+    models.append(gated_m)
   evals, _ = eval_lib.run_evals(
       config, eval_lib.EvalContext(config=config, workdir=workdir, data=data, base=base_m),
-      [base_m, after_m])
+      models)
   clock.done("evaluate")
 
   cons = monitor.consistency_summary(history)
@@ -124,6 +136,8 @@ def run(config, workdir: str) -> dict[str, Any]:
       "model": config.model.name_or_path,
       "before": report_lib.refusal_summary(before),
       "after": report_lib.refusal_summary(after),
+      **({} if gated is None else {"gated": report_lib.refusal_summary(gated),
+                                   "gate": _gate_report(gate, gated)}),
       "evals": evals,
       "trainable_params": int(summary["trainable"]),
       "total_params": int(summary["model"]),
@@ -161,6 +175,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   }
   if ctx.primary:
     write_jsonl(os.path.join(workdir, "answers_after.jsonl"), after)
+    if gated is not None:
+      write_jsonl(os.path.join(workdir, "answers_gated.jsonl"), gated)
     _write_history(os.path.join(workdir, HISTORY_FILE), history)
     report["plots"] = [report_lib.plot_refusal_rates(workdir, report)]
     report_lib.write_report(workdir, report, before, after)
@@ -183,6 +199,38 @@ def method_context(config, workdir: str, mesh: jax.sharding.Mesh) -> Context:
   model_cfg = pre.cfg if aligned is None else aligned.cfg
   params = jax.device_put(pre.params if aligned is None else aligned.params)
   return Context(config, workdir, data, model_cfg, params, pre.tokenizer, mesh, aligned=aligned)
+
+
+def _gate(ctx: Context) -> gate_lib.Gate:
+  """The probe gate of gate.use (probes/gate.py), kept in W/gate.json and refit when the
+  gate settings change (they may, in a finished workdir: they are resume-safe)."""
+  path = os.path.join(ctx.workdir, gate_lib.GATE_FILE)
+  settings = dict(ctx.config.gate.to_dict(), probe=ctx.config.probe.to_dict())
+  if files.exists(path):
+    got = gate_lib.load(path)
+    if got.info.get("settings") == settings:
+      logging.info("Reusing the probe gate in %s (layer %d).", path, got.layer)
+      return got
+  gc = ctx.config.gate
+  got = gate_lib.fit(ctx, recall=float(gc.recall), held_back=float(gc.held_back),
+                     max_per_split=int(gc.max_per_split))
+  got = dataclasses.replace(got, info={**got.info, "settings": settings})
+  logging.info("Probe gate: layer %d, threshold %.3f; flagged: %s.", got.layer, got.threshold,
+               ", ".join(f"{k} {v:.1%}" for k, v in got.info["flagged"].items()))
+  if ctx.primary:
+    gate_lib.save(path, got)
+  return got
+
+
+def _gate_report(gate: gate_lib.Gate, gated: list[dict[str, Any]]) -> dict[str, Any]:
+  """The gate's settings and, per report split, the share of prompts it gave the adapters."""
+  flagged = {}
+  for split in dict.fromkeys(r["split"] for r in gated):
+    rows = [r for r in gated if r["split"] == split]
+    flagged[split] = sum(r["adapters"] for r in rows) / len(rows)
+  info = {k: v for k, v in gate.info.items() if k != "settings"}
+  return {"layer": gate.layer, "threshold": gate.threshold, "fit": info,
+          "flagged": flagged}
 
 
 def _check_trainable_data(config, data: PreparedData) -> None:
@@ -280,13 +328,18 @@ def _cached_answers(path: str, eval_sets, generate, primary: bool) -> list[dict[
 
 
 def _print_summary(report: dict[str, Any]) -> None:
+  models = report_lib.summary_models(report)
   print(f"\nMethod {report['method']}. Refusal rate (string-match judge, 95% CI):")
-  print(f"{'split':<18}{'before':>22}{'after':>22}")
-  for split, a in report["after"].items():
-    b = report["before"].get(split, {})
-    fmt = lambda s: (f"{100 * s['refusal_rate']:5.1f}% [{100 * s['ci95'][0]:.0f}-"
-                     f"{100 * s['ci95'][1]:.0f}]" if s else "-")
-    print(f"{split:<18}{fmt(b):>22}{fmt(a):>22}")
+  print(f"{'split':<18}" + "".join(f"{m:>22}" for m in models))
+  fmt = lambda s: (f"{100 * s['refusal_rate']:5.1f}% [{100 * s['ci95'][0]:.0f}-"
+                   f"{100 * s['ci95'][1]:.0f}]" if s else "-")
+  for split in report["after"]:
+    print(f"{split:<18}" + "".join(f"{fmt(report[m].get(split, {})):>22}" for m in models))
+  if "gate" in report:
+    g = report["gate"]
+    print(f"gated: the adapters answer the prompts a probe flags (layer {g['layer']}, threshold "
+          f"{g['threshold']:.3f}); share flagged: "
+          + ", ".join(f"{k} {100 * v:.0f}%" for k, v in g["flagged"].items()))
   print(f"trainable params: {report['trainable_params']:,} / {report['total_params']:,}; "
         f"training {report['train_seconds']:.0f} s; "
         f"peak host memory {report['efficiency']['peak_rss_gb']:.1f} GB")

@@ -45,9 +45,10 @@ _JSON = (ocp.JsonCheckpointHandler, ocp.args.JsonSave, ocp.args.JsonRestore)
 _ITEM_HANDLERS = {"trainable": _STANDARD, "train_state": _STANDARD, "data": _JSON}
 ITEMS = tuple(_ITEM_HANDLERS)
 # Config keys that may change between runs in one workdir: they pick what to do
-# with a run (mode, logging, checkpoint cadence), not what the run computes.
+# with a run (mode, logging, checkpoint cadence) or how it is evaluated (eval, judges,
+# the probe gate), not what training computes.
 RESUME_SAFE_KEYS = ("mode", "overwrite", "multihost", "generate", "export", "eval", "evals",
-                    "judges", "judge",
+                    "judges", "judge", "gate",
                     "train.log_every", "train.progress", "train.donate", "checkpoint")
 
 # workdir -> config already checked (and maybe wiped for) in this process.
