@@ -97,8 +97,21 @@ def _is_primary() -> bool:
   return jax.process_index() == 0
 
 
+def _generation(rows: Sequence[tuple[str, Sequence[int], bool]]) -> gen_lib.Generation:
+  return gen_lib.Generation([r[0] for r in rows], [list(r[1]) for r in rows],
+                            [r[2] for r in rows])
+
+
+class _Answers:
+  """What every model under test offers on top of its generate_full."""
+
+  def generate(self, prompts: Sequence[str], max_new_tokens: int,
+               prefills: Sequence[Prefill] | None = None) -> list[str]:
+    return self.generate_full(prompts, max_new_tokens, prefills).texts  # type: ignore[attr-defined]
+
+
 @dataclasses.dataclass(eq=False)
-class ModelUnderTest:
+class ModelUnderTest(_Answers):
   """A model as the evaluators see it: greedy chat generation and teacher-forced scoring.
 
   params are the (merged) weights, embed_fn the embedding-MLP hook (None: plain
@@ -170,12 +183,7 @@ class ModelUnderTest:
         files.append_text(self.cache_file,
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
     got = [self._memo[k] for k in keys]
-    return gen_lib.Generation([g[0] for g in got], [list(g[1]) for g in got],
-                              [g[2] for g in got])
-
-  def generate(self, prompts: Sequence[str], max_new_tokens: int,
-               prefills: Sequence[Prefill] | None = None) -> list[str]:
-    return self.generate_full(prompts, max_new_tokens, prefills).texts
+    return _generation(got)
 
   def answer_logprobs(self, prompts: Sequence[str],
                       responses: Sequence[str | Sequence[int]]) -> list[np.ndarray]:
@@ -213,7 +221,7 @@ def answer_token_kl(base: ModelUnderTest, model: ModelUnderTest, prompts: Sequen
 
 
 @dataclasses.dataclass(eq=False)
-class GatedModel:
+class GatedModel(_Answers):
   """The adapted model behind a gate (probes/gate.py): a prompt the gate flags gets
   `adapted`'s answer, any other the frozen `base`'s. Both keep their own memos, so a gated
   evaluation after the "before" and "after" ones generates nothing new."""
@@ -266,12 +274,7 @@ class GatedModel:
       return list(zip(g.texts, g.token_ids, g.finished))
 
     got = self.route(prompts, gen)
-    return gen_lib.Generation([g[0] for g in got], [list(g[1]) for g in got],
-                              [g[2] for g in got])
-
-  def generate(self, prompts: Sequence[str], max_new_tokens: int,
-               prefills: Sequence[Prefill] | None = None) -> list[str]:
-    return self.generate_full(prompts, max_new_tokens, prefills).texts
+    return _generation(got)
 
   def answer_logprobs(self, prompts: Sequence[str],
                       responses: Sequence[str | Sequence[int]]) -> list[np.ndarray]:
